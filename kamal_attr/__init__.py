@@ -1,0 +1,12 @@
+"""Adaptive knowledge amalgamation (Shen et al., ICCV 2019), attribute experiment on CelebA.
+
+Package layout, in the order data flows:
+``attributes`` (registry) -> ``celeba`` / ``synthetic`` (data) -> ``models`` (ResNet-18,
+feature taps) -> ``losses`` (entropy, bridges, penalties) -> ``methods`` (one module per
+stage with ``forward_train``) -> ``engine`` (the one training loop) -> ``pipeline`` (stages
+as callable functions used by the scripts) and ``evaluation``.
+"""
+
+
+class KamalError(Exception):
+    """An error caused by the user's input (files, flags); scripts print it as one line."""

@@ -1,0 +1,275 @@
+"""CelebA on disk, in the layouts people really have, as a ``torch.utils.data.Dataset``.
+
+Layouts found under ``root`` (also under ``root/celeba``, torchvision's folder):
+- official: ``img_align_celeba/`` (or ``Img/img_align_celeba/``), ``list_attr_celeba.txt``
+  (at the root or in ``Anno/``), ``list_eval_partition.txt`` (at the root or in ``Eval/``);
+- Kaggle: ``list_attr_celeba.csv``, ``list_eval_partition.csv``, images possibly in
+  ``img_align_celeba/img_align_celeba/``.
+Labels 1/-1 become 1/0 in :func:`read_attribute_list`, the one place that parses them.
+"""
+from __future__ import annotations
+
+import copy
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+from tqdm import tqdm
+
+from . import KamalError
+from .attributes import CELEBA_ATTRIBUTES, check_attribute
+
+SPLITS = {"train": 0, "val": 1, "test": 2}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class CelebAError(KamalError):
+    """Malformed or missing CelebA files; the message names the file (and line)."""
+
+
+@dataclass(frozen=True)
+class CelebALayout:
+    kind: str  # "official" or "kaggle"
+    image_dir: Path
+    attr_file: Path
+    partition_file: Path
+
+    def describe(self) -> str:
+        return (f"{self.kind} CelebA layout: images {self.image_dir}, attributes "
+                f"{self.attr_file.name}, partition {self.partition_file.name}")
+
+
+def _first(*candidates: Path) -> Path | None:
+    return next((c for c in candidates if c.exists()), None)
+
+
+def _image_dir(base: Path) -> Path | None:
+    for cand in (base / "img_align_celeba" / "img_align_celeba", base / "img_align_celeba",
+                 base / "Img" / "img_align_celeba"):
+        if cand.is_dir() and any(cand.glob("*.jpg")):
+            return cand
+    return None
+
+
+def find_celeba(root: str | Path) -> CelebALayout:
+    """Find CelebA's images and lists under ``root``; raise naming what was looked for."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CelebAError(f"data root {root} does not exist; put CelebA there "
+                          "(img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt) "
+                          "or pass --data_root, or run with --demo for the synthetic dataset")
+    for base in (root, root / "celeba", root / "CelebA"):
+        attr_txt = _first(base / "list_attr_celeba.txt", base / "Anno" / "list_attr_celeba.txt")
+        part_txt = _first(base / "list_eval_partition.txt",
+                          base / "Eval" / "list_eval_partition.txt",
+                          base / "Anno" / "list_eval_partition.txt")
+        attr_csv, part_csv = base / "list_attr_celeba.csv", base / "list_eval_partition.csv"
+        if attr_txt or part_txt:
+            kind, attr, part = "official", attr_txt, part_txt
+        elif attr_csv.exists() or part_csv.exists():
+            kind, attr, part = "kaggle", attr_csv, part_csv
+        else:
+            continue
+        if attr is None or not attr.exists():
+            raise CelebAError(f"{base}: found the partition list but no attribute list "
+                              "(list_attr_celeba.txt at the root or in Anno/, or "
+                              "list_attr_celeba.csv)")
+        if part is None or not part.exists():
+            raise CelebAError(f"{base}: found {attr.name} but no partition list "
+                              "(list_eval_partition.txt at the root or in Eval/, or "
+                              "list_eval_partition.csv)")
+        images = _image_dir(base)
+        if images is None:
+            raise CelebAError(f"{base}: found the lists but no image folder "
+                              "(img_align_celeba/, Img/img_align_celeba/ or "
+                              "img_align_celeba/img_align_celeba/ with .jpg files)")
+        return CelebALayout(kind, images, attr, part)
+    raise CelebAError(f"no CelebA under {root}: expected list_attr_celeba.txt (root or Anno/) "
+                      "or list_attr_celeba.csv, beside img_align_celeba/; pass --data_root, "
+                      "or use --demo for the synthetic dataset")
+
+
+def _read_lines(path: Path) -> list[str]:
+    """Text lines of ``path`` (any line ending); an HTML page (a failed download) is refused."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CelebAError(f"cannot read {path}: {e.strerror}") from None
+    head = raw[:512].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head:
+        raise CelebAError(f"{path} is an HTML page, not a CelebA list (a failed or "
+                          "quota-limited download?); download it again")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise CelebAError(f"{path} is not a text file") from None
+    return text.splitlines()
+
+
+def _fields(line: str, csv: bool) -> list[str]:
+    return [f.strip() for f in line.split(",")] if csv else line.split()
+
+
+def read_attribute_list(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """Parse ``list_attr_celeba.txt`` (or Kaggle's CSV) into file names and 0/1 labels.
+
+    Returns ``(file_names, labels)`` with ``labels`` a uint8 array of shape (N, 40) in
+    :data:`CELEBA_ATTRIBUTES` column order, 1 where the file says 1 and 0 where it says -1.
+    """
+    path = Path(path)
+    csv = path.suffix.lower() == ".csv"
+    lines = _read_lines(path)
+    lineno = 0
+    if not csv:  # line 1: the image count
+        if not lines or not lines[0].strip().isdigit():
+            raise CelebAError(f"{path}:1: expected the image count, got {lines[0][:40]!r}"
+                              if lines else f"{path} is empty")
+        count, lineno = int(lines[0]), 1
+    if len(lines) <= lineno:
+        raise CelebAError(f"{path}:{lineno + 1}: missing the header of attribute names")
+    header = _fields(lines[lineno], csv)
+    if csv:
+        header = header[1:]  # "image_id"
+    if len(header) != 40 or set(header) != set(CELEBA_ATTRIBUTES):
+        unknown = [h for h in header if h not in CELEBA_ATTRIBUTES]
+        raise CelebAError(f"{path}:{lineno + 1}: expected the 40 CelebA attribute names, got "
+                          f"{len(header)} names" + (f" (unknown: {unknown[:5]})" if unknown else ""))
+    order = [header.index(a) for a in CELEBA_ATTRIBUTES]
+    names: list[str] = []
+    rows: list[list[int]] = []
+    for i, line in enumerate(lines[lineno + 1:], start=lineno + 2):
+        fields = _fields(line, csv)
+        if not fields or fields == [""]:
+            continue
+        if len(fields) != 41:
+            raise CelebAError(f"{path}:{i}: expected a file name and 40 values, "
+                              f"got {len(fields)} fields")
+        try:
+            values = [int(v) for v in fields[1:]]
+        except ValueError:
+            values = []
+        if len(values) != 40 or any(v not in (1, -1) for v in values):
+            bad = next((v for v in fields[1:] if v not in ("1", "-1")), "?")
+            raise CelebAError(f"{path}:{i}: attribute values must be 1 or -1, got {bad!r}")
+        names.append(fields[0])
+        rows.append(values)
+    if not csv and len(names) != count:
+        raise CelebAError(f"{path}: line 1 says {count} images but {len(names)} are listed")
+    labels = (np.asarray(rows, dtype=np.int8).reshape(-1, 40)[:, order] > 0).astype(np.uint8)
+    return names, labels
+
+
+def read_partition_list(path: str | Path) -> dict[str, int]:
+    """Parse ``list_eval_partition.txt`` (or CSV): file name -> 0 train, 1 val, 2 test."""
+    path = Path(path)
+    csv = path.suffix.lower() == ".csv"
+    lines = _read_lines(path)
+    start = 1 if csv else 0  # Kaggle's CSV has a header "image_id,partition"
+    partition: dict[str, int] = {}
+    for i, line in enumerate(lines[start:], start=start + 1):
+        fields = _fields(line, csv)
+        if not fields or fields == [""]:
+            continue
+        if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
+            raise CelebAError(f"{path}:{i}: expected 'file_name 0|1|2', got {line.strip()[:60]!r}")
+        partition[fields[0]] = int(fields[1])
+    return partition
+
+
+def eval_resize(image_size: int) -> int:
+    """The eval resize of the paper (256 for 224) scaled to ``image_size``."""
+    return round(image_size * 256 / 224)
+
+
+def build_transform(image_size: int, train: bool) -> Callable:
+    """The paper's transforms at ``image_size``.
+
+    train: ``RandomResizedCrop(S, scale=(0.81, 1))`` + horizontal flip;
+    eval: ``Resize(S * 256/224)`` + ``CenterCrop(S)``; both normalised with ImageNet mean/std.
+    """
+    if train:
+        geometry = [transforms.RandomResizedCrop(image_size, scale=(0.81, 1.0)),
+                    transforms.RandomHorizontalFlip()]
+    else:
+        geometry = [transforms.Resize(eval_resize(image_size)), transforms.CenterCrop(image_size)]
+    return transforms.Compose(geometry + [transforms.ToTensor(),
+                                          transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode one image to RGB, or raise a :class:`CelebAError` naming it."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise CelebAError(f"image missing: {path}") from None
+    except OSError as e:
+        raise CelebAError(f"cannot decode {path}: {e}") from None
+
+
+class CelebA(Dataset):
+    """One split of CelebA: ``(image, labels, index)`` with labels for ``attributes``.
+
+    ``index`` is the position inside this split (and ``part``), so a method can look up
+    per-image data such as the entropy routing. ``part=(k, P)`` keeps the k-th of P disjoint
+    contiguous blocks of the split (1-based): published teachers come from different data.
+    ``cache=True`` decodes every image once, resized to the eval size, and keeps it in memory
+    (used for the small synthetic demo; real CelebA at 224 px would need ~40 GB).
+    """
+
+    def __init__(self, root: str | Path, split: str, attributes: Sequence[str],
+                 image_size: int = 224, train: bool = False,
+                 part: tuple[int, int] | None = None, cache: bool = False,
+                 limit: int | None = None) -> None:
+        if split not in SPLITS:
+            raise CelebAError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
+        self.layout = find_celeba(root)
+        self.attributes = tuple(check_attribute(a) for a in attributes)
+        names, labels = read_attribute_list(self.layout.attr_file)
+        partition = read_partition_list(self.layout.partition_file)
+        missing = [n for n in names if n not in partition]
+        if missing:
+            raise CelebAError(f"{self.layout.partition_file}: no split for {len(missing)} "
+                              f"images listed in {self.layout.attr_file.name}, e.g. {missing[0]}")
+        keep = [i for i, n in enumerate(names) if partition[n] == SPLITS[split]]
+        if part is not None:
+            k, parts = part
+            keep = keep[(k - 1) * len(keep) // parts: k * len(keep) // parts]
+        if limit is not None:
+            keep = keep[:limit]
+        if not keep:
+            raise CelebAError(f"{self.layout.partition_file}: the {split} split is empty")
+        self.files = [self.layout.image_dir / names[i] for i in keep]
+        absent = next((f for f in self.files if not f.exists()), None)
+        if absent is not None:
+            raise CelebAError(f"image missing: {absent} (listed in {self.layout.attr_file})")
+        columns = [CELEBA_ATTRIBUTES.index(a) for a in self.attributes]
+        self.labels = torch.from_numpy(labels[keep][:, columns].astype(np.int64))
+        self.image_size = image_size
+        self.transform = build_transform(image_size, train)
+        self.cached: list[Image.Image] | None = None
+        if cache:
+            size = eval_resize(image_size)
+            self.cached = [transforms.functional.resize(load_image(f), size)
+                           for f in tqdm(self.files, desc=f"caching {split} images",
+                                         leave=False, disable=None)]
+
+    def view(self, train: bool) -> "CelebA":
+        """The same images (and cache) with the train or eval transform."""
+        other = copy.copy(self)
+        other.transform = build_transform(self.image_size, train)
+        return other
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image = self.cached[index] if self.cached is not None else load_image(self.files[index])
+        return self.transform(image), self.labels[index], index

@@ -1,0 +1,28 @@
+"""What the scripts share: turning a user error into one line and a non-zero exit."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from . import KamalError
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error``; for one re-raised from a DataLoader worker (whose text is a
+    whole traceback) the last line, which holds the original message."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and "Original Traceback" in str(error):
+        return lines[-1].split(": ", 1)[-1]
+    return str(error)
+
+
+def run(main: Callable[[], None]) -> None:
+    """Call ``main``; a :class:`KamalError` (bad files or flags) exits 2 with ``error: ...``."""
+    try:
+        main()
+    except KamalError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; finished checkpoints are kept", file=sys.stderr)
+        sys.exit(130)

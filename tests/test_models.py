@@ -1,0 +1,69 @@
+import logging
+
+import pytest
+import torch
+import torchvision
+
+from kamal_attr import KamalError
+from kamal_attr.models import (TAP_LAYERS, AttributeResNet, FeatureTaps, build_model,
+                               load_imagenet_weights, tap_channels)
+
+
+def test_parameter_names_match_torchvision_resnet18():
+    ours = {k: v.shape for k, v in AttributeResNet(["Male"], 64).state_dict().items()
+            if not k.startswith("heads.")}
+    theirs = {k: v.shape for k, v in torchvision.models.resnet18().state_dict().items()
+              if not k.startswith("fc.")}
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("width", [8, 16, 90])
+def test_heads_and_taps(width):
+    model = AttributeResNet(["Male", "Young", "Smiling"], width).eval()
+    taps = FeatureTaps(model)
+    logits = model(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 3, 2)
+    features = taps.features()
+    assert [f.shape[1] for f in features] == list(tap_channels(width))
+    assert [f.shape[-1] for f in features] == [32, 16, 8, 4, 2]
+    taps.remove()
+    model(torch.randn(1, 3, 32, 32))
+    with pytest.raises(KeyError):
+        taps.features()
+
+
+def test_taps_reject_unknown_layers():
+    with pytest.raises(KamalError, match="no module"):
+        FeatureTaps(AttributeResNet(["Male"], 8), ["conv1", "layer9"])
+
+
+def test_imagenet_weights_load_from_a_torchvision_file(tmp_path):
+    reference = torchvision.models.resnet18()
+    path = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(reference.state_dict(), path)
+    model, init = build_model(["Male", "Young"], 64, "auto", tmp_path)
+    assert str(path) in init
+    assert torch.equal(model.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
+    assert torch.equal(model.bn1.running_mean, reference.bn1.running_mean)
+
+
+def test_bad_weight_files_fail_clearly(tmp_path):
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv1.weight": torch.zeros(3)}, bad)
+    with pytest.raises(KamalError, match="not a torchvision ResNet-18"):
+        load_imagenet_weights(AttributeResNet(["Male"], 64), bad)
+    (tmp_path / "junk.pth").write_bytes(b"garbage")
+    with pytest.raises(KamalError, match="cannot load .*junk.pth"):
+        load_imagenet_weights(AttributeResNet(["Male"], 64), tmp_path / "junk.pth")
+    with pytest.raises(KamalError, match="width 64"):
+        load_imagenet_weights(AttributeResNet(["Male"], 16), bad)
+
+
+def test_random_init_warns_once_without_weights(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        _, init = build_model(["Male"], 64, "auto", tmp_path / "empty")
+    assert init == "random init"
+    assert len(caplog.records) == 1 and "no ImageNet weights" in caplog.records[0].getMessage()
+    caplog.clear()
+    build_model(["Male"], 16, "none", tmp_path)
+    assert not caplog.records
