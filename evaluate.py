@@ -1,0 +1,66 @@
+"""Test-split accuracy of a group's source nets, component nets and target net.
+
+    python evaluate.py --target_attribute hair --demo --json run/demo/hair.json
+    python evaluate.py --checkpoint snapshot/sources/hair/source1_Black_Hair/epoch_040.pth
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+
+from kamal_attr.attributes import check_group
+from kamal_attr.cli import run
+from kamal_attr.config import SELECTIONS, add_common_args, resolve_config
+from kamal_attr.evaluation import evaluate_checkpoint, evaluate_group, format_table
+from kamal_attr.pipeline import ensure_data, setup_logging
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to evaluate")
+    g.add_argument("--target_attribute", default="hair", help="group: hair, eye or face")
+    g.add_argument("--checkpoint", type=Path, help="instead: any one checkpoint of this project")
+    g.add_argument("--split", choices=["train", "val", "test"], default="test")
+    g.add_argument("--json", type=Path, help="also write the result as JSON here")
+    g.add_argument("--sorce_saveEpoch", "--source_save_epoch", dest="source_save_epoch", type=int)
+    g.add_argument("--component_saveEpoch", "--component_save_epoch", dest="component_save_epoch", type=int)
+    g.add_argument("--target_epoch", type=int)
+    g.add_argument("--sourcedata_txtroot", help=argparse.SUPPRESS)
+    g.add_argument("--componentnets_root")
+    g.add_argument("--target_root")
+    g.add_argument("--selection", choices=SELECTIONS, default="entropy",
+                   help="which amalgamation variant to evaluate")
+    g.add_argument("--no_feature_loss", action="store_true", help="evaluate the logits-only variant")
+    add_common_args(p)
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    group = check_group(args.target_attribute)
+    cfg = resolve_config(args)
+    setup_logging(cfg.log_dir)
+    ensure_data(cfg)
+    if args.checkpoint:
+        result = {"checkpoint": str(args.checkpoint), "split": args.split,
+                  "accuracy": evaluate_checkpoint(args.checkpoint, cfg, args.split)}
+        width = max(len(a) for a in result["accuracy"])
+        for attribute, acc in result["accuracy"].items():
+            print(f"{attribute.ljust(width)}  {100 * acc:6.2f}")
+        values = list(result["accuracy"].values())
+        print(f"{'mean'.ljust(width)}  {100 * sum(values) / len(values):6.2f}")
+    else:
+        with SummaryWriter(str(cfg.log_dir / "evaluate" / group / cfg.variant)) as writer:
+            result = evaluate_group(group, cfg, args.split, writer)
+        print(format_table(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"written to {args.json}")
+
+
+if __name__ == "__main__":
+    run(lambda: main(get_args_parser().parse_args()))

@@ -1,0 +1,196 @@
+"""Run settings: the real-CelebA defaults of METHOD.md, the CPU demo preset, and paths.
+
+Scripts parse flags whose defaults are ``None`` and call :func:`resolve_config`, which fills
+every unset flag from the preset (``--demo`` or real data). Output roots are resolved
+against ``--save_root`` (default: the repository), and demo artefacts live in ``demo/``
+sub-folders so they never mix with real-data ones.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from . import KamalError
+from .engine import OptimConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SELECTIONS = ("entropy", "average", "random")
+
+
+@dataclass(frozen=True)
+class Preset:
+    data_root: str
+    image_size: int
+    width: int
+    target_width: int
+    batch_size: int
+    workers: int
+    cache_images: bool
+    pretrained: str
+    source_epochs: int
+    source_save_epoch: int
+    source_optim: OptimConfig
+    component_epochs: int
+    target_epochs: int
+    amalgamation_optim: OptimConfig
+    train_parts: int | None  # demo: source net k trains on part ((k-1) % P) + 1 of P
+    subfolder: str
+
+
+#: METHOD.md's settings for real CelebA (224 px, ImageNet init, 50 epochs, x0.5 at 5..25).
+REAL = Preset(
+    data_root="data/CelebA", image_size=224, width=64, target_width=90, batch_size=64,
+    workers=4, cache_images=False, pretrained="auto", source_epochs=50, source_save_epoch=40,
+    source_optim=OptimConfig("sgd", 1e-4, weight_decay=5e-4, schedule="step"),
+    component_epochs=50, target_epochs=50,
+    amalgamation_optim=OptimConfig("adam", 1e-4, schedule="step"),
+    train_parts=None, subfolder="")
+
+#: The CPU demo: synthetic data at 64 px, width-16 nets (target 24), short cosine schedules;
+#: each source net trains on its own, style-skewed third of the training split.
+DEMO = Preset(
+    data_root="data/synthetic", image_size=64, width=16, target_width=24, batch_size=64,
+    workers=0, cache_images=True, pretrained="none", source_epochs=5, source_save_epoch=5,
+    source_optim=OptimConfig("adam", 1e-3, schedule="cosine"),
+    component_epochs=4, target_epochs=5,
+    amalgamation_optim=OptimConfig("adam", 1e-3, schedule="cosine"),
+    train_parts=3, subfolder="demo")
+
+
+@dataclass
+class RunConfig:
+    """Everything a stage needs, resolved (no ``None`` left)."""
+
+    data_root: Path
+    sources_root: Path
+    routing_root: Path
+    components_root: Path
+    target_root: Path
+    log_dir: Path
+    weights_dir: Path
+    image_size: int
+    width: int
+    target_width: int
+    batch_size: int
+    workers: int
+    cache_images: bool
+    pretrained: str
+    seed: int
+    device: str
+    source_epochs: int
+    source_save_epoch: int
+    source_optim: OptimConfig
+    component_epochs: int
+    target_epochs: int
+    amalgamation_optim: OptimConfig
+    train_parts: int | None
+    selection: str = "entropy"
+    feature_loss: bool = True
+    demo: bool = False
+    overwrite: bool = False
+    args: dict = field(default_factory=dict)
+
+    @property
+    def variant(self) -> str:
+        """Names an amalgamation recipe; ablations get folders of their own."""
+        return self.selection + ("" if self.feature_loss else "-logits")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by all scripts (defaults ``None``: filled from the preset)."""
+    g = p.add_argument_group("data and outputs")
+    g.add_argument("--demo", action="store_true",
+                   help="CPU demo: synthetic data (generated on first use), small nets")
+    g.add_argument("--data_root", help="CelebA folder (default data/CelebA; demo data/synthetic)")
+    g.add_argument("--save_root", default=None,
+                   help="base folder of all relative output roots (default: the repository)")
+    g.add_argument("--sourcenets_root", help="source nets (default snapshot/sources/)")
+    g.add_argument("--log_dir", help="TensorBoard runs and log.txt (default run/)")
+    g.add_argument("--weights_dir", default=None,
+                   help="ImageNet ResNet-18 .pth files (default weights/resnet/)")
+    g = p.add_argument_group("run")
+    g.add_argument("--image_size", type=int, help="input size (224; demo 64)")
+    g.add_argument("--batch_size", type=int, help="batch size (64)")
+    g.add_argument("--workers", type=int, help="DataLoader workers (4; demo 0)")
+    g.add_argument("--seed", type=int, default=3256, help="seed of python, numpy, torch, loaders")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: cuda if present)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="retrain nets whose final checkpoint exists (default: reuse them)")
+
+
+def _positive(name: str, value: int) -> int:
+    if value < 1:
+        raise KamalError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """Fill unset flags from the preset and resolve paths; validate values."""
+    preset = DEMO if args.demo else REAL
+    base = Path(args.save_root) if args.save_root else REPO_ROOT
+    sub = preset.subfolder
+
+    def out_root(flag: str, default: str) -> Path:
+        value = getattr(args, flag, None)
+        return base / (value if value else str(Path(default.split("/")[0], sub, *default.split("/")[1:])))
+
+    get = lambda flag, default: default if getattr(args, flag, None) is None else getattr(args, flag)  # noqa: E731
+    source_optim = replace(preset.source_optim)
+    amalgamation_optim = replace(preset.amalgamation_optim)
+    if getattr(args, "lr", None) is not None:
+        source_optim.lr = amalgamation_optim.lr = args.lr
+    if getattr(args, "optimizer", None):
+        source_optim.optimizer = amalgamation_optim.optimizer = args.optimizer
+    if getattr(args, "schedule", None):
+        source_optim.schedule = amalgamation_optim.schedule = args.schedule
+    source_epochs = get("epochs", preset.source_epochs)
+    save_epoch = get("source_save_epoch", min(preset.source_save_epoch, source_epochs))
+    data_root = Path(args.data_root) if args.data_root else REPO_ROOT / preset.data_root
+    cfg = RunConfig(
+        data_root=data_root,
+        sources_root=out_root("sourcenets_root", "snapshot/sources"),
+        routing_root=out_root("sourcedata_txtroot", "data/sources"),
+        components_root=out_root("componentnets_root", "snapshot/components"),
+        target_root=out_root("target_root", "snapshot/target"),
+        log_dir=out_root("log_dir", "run"),
+        weights_dir=Path(args.weights_dir) if args.weights_dir else REPO_ROOT / "weights" / "resnet",
+        image_size=_positive("--image_size", get("image_size", preset.image_size)),
+        width=_positive("--width", get("width", preset.width)),
+        target_width=_positive("--target_width", get("target_width", preset.target_width)),
+        batch_size=_positive("--batch_size", get("batch_size", preset.batch_size)),
+        workers=get("workers", preset.workers),
+        cache_images=preset.cache_images,
+        pretrained=get("pretrained", preset.pretrained),
+        seed=args.seed,
+        device=args.device or default_device(),
+        source_epochs=_positive("--epochs", source_epochs),
+        source_save_epoch=_positive("--sorce_saveEpoch", save_epoch),
+        source_optim=source_optim,
+        component_epochs=_positive("--component_saveEpoch", get("component_save_epoch", preset.component_epochs)),
+        target_epochs=_positive("--target_epoch", get("target_epoch", preset.target_epochs)),
+        amalgamation_optim=amalgamation_optim,
+        train_parts=preset.train_parts,
+        selection=get("selection", "entropy"),
+        feature_loss=not getattr(args, "no_feature_loss", False),
+        demo=args.demo,
+        overwrite=args.overwrite,
+        args={k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool))},
+    )
+    if cfg.workers < 0:
+        raise KamalError(f"--workers must be >= 0, got {cfg.workers}")
+    if cfg.selection not in SELECTIONS:
+        raise KamalError(f"--selection must be one of {SELECTIONS}, got {cfg.selection!r}")
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        raise KamalError(f"--device {cfg.device!r} is not a torch device (cpu, cuda, cuda:0...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KamalError(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
+    return cfg

@@ -1,0 +1,154 @@
+"""The one training loop shared by source, component and target training.
+
+Shaped like torchvision's ``references/classification``: :func:`train_one_epoch` starts
+with ``method.train()``, :func:`evaluate_accuracy` runs under ``torch.inference_mode`` in eval
+mode, and :func:`fit` steps the scheduler once per **epoch** (the port stepped per
+iteration), evaluates on the val split and hands each epoch to a checkpoint callback.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from . import KamalError
+from .losses import entropy_impurity
+from .methods import Method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and per-epoch schedule (METHOD.md: step x0.5 at 5..25, or cosine for the demo)."""
+
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "step"
+    milestones: Sequence[int] = (5, 10, 15, 20, 25)
+    gamma: float = 0.5
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise KamalError(f"--optimizer must be sgd or adam, got {cfg.optimizer!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
+                    epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.milestones), cfg.gamma)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    raise KamalError(f"--schedule must be step or cosine, got {cfg.schedule!r}")
+
+
+def train_one_epoch(method: Method, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    device: torch.device, epoch: int, desc: str = "train") -> dict[str, float]:
+    """One pass over ``loader``; returns the mean of every loss part, ``loss`` and ``img/s``."""
+    method.train()
+    sums: dict[str, float] = {}
+    seen, start = 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"{desc} epoch {epoch}", leave=False, disable=None)
+    for step, (images, labels, index) in enumerate(bar):
+        images, labels, index = (t.to(device, non_blocking=True) for t in (images, labels, index))
+        parts = method.forward_train(images, labels, index)
+        loss = torch.stack(list(parts.values())).sum()
+        if not torch.isfinite(loss):
+            raise KamalError(f"{desc}: loss is {loss.item()} at epoch {epoch} step {step} "
+                             f"({ {k: round(v.item(), 4) for k, v in parts.items()} }); "
+                             "lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = images.shape[0]
+        seen += n
+        for k, v in [("loss", loss), *parts.items()]:
+            sums[k] = sums.get(k, 0.0) + v.item() * n
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    if seen == 0:
+        raise KamalError(f"{desc}: no training batch (fewer images than --batch_size?)")
+    stats = {k: v / seen for k, v in sums.items()}
+    stats["img/s"] = seen / (time.perf_counter() - start)
+    return stats
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device,
+            desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(N, heads, 2)`` of ``model`` over ``loader`` and the labels, on the CPU."""
+    model.eval()
+    logits, labels = [], []
+    for images, y, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+        logits.append(model(images.to(device, non_blocking=True)).float().cpu())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def accuracy_per_head(logits: torch.Tensor, labels: torch.Tensor,
+                      attributes: Sequence[str]) -> dict[str, float]:
+    """Per attribute: share of images whose argmax over the 2 logits equals the label."""
+    correct = (logits.argmax(-1) == labels).float().mean(0)
+    return {a: correct[k].item() for k, a in enumerate(attributes)}
+
+
+def evaluate_accuracy(model: nn.Module, loader: DataLoader, device: torch.device,
+                      label_columns: Sequence[int] | None = None) -> dict[str, float]:
+    """Per-attribute accuracy of ``model``'s heads; ``label_columns`` picks the loader's
+    label column for each head (default: the same order)."""
+    logits, labels = predict(model, loader, device, desc="val")
+    if label_columns is not None:
+        labels = labels[:, list(label_columns)]
+    return accuracy_per_head(logits, labels, model.attributes)
+
+
+def mean_entropy(logits: torch.Tensor) -> float:
+    return entropy_impurity(logits).mean().item()
+
+
+def fit(method: Method, train_loader: DataLoader, val_loader: DataLoader,
+        optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+        epochs: int, device: torch.device, writer: SummaryWriter,
+        on_epoch_end: Callable[[int, dict[str, float]], None], start_epoch: int = 1,
+        name: str = "train", val_columns: Sequence[int] | None = None) -> dict[str, float]:
+    """Train ``method`` for epochs ``start_epoch..epochs``; returns the last val accuracies.
+
+    Per epoch: train, step the scheduler, evaluate the student on ``val_loader``, log to
+    TensorBoard (``loss/<part>``, ``acc/val/<attribute>``, ``lr``, ``img_per_s``) and to the
+    plain log, then call ``on_epoch_end(epoch, val_accuracy)`` (which saves the checkpoint).
+    """
+    accuracy: dict[str, float] = {}
+    for epoch in range(start_epoch, epochs + 1):
+        lr = optimizer.param_groups[0]["lr"]
+        stats = train_one_epoch(method, train_loader, optimizer, device, epoch, desc=name)
+        scheduler.step()
+        accuracy = evaluate_accuracy(method.student, val_loader, device, val_columns)
+        for k, v in stats.items():
+            writer.add_scalar("img_per_s" if k == "img/s" else f"loss/{k}", v, epoch)
+        for a, v in accuracy.items():
+            writer.add_scalar(f"acc/val/{a}", v, epoch)
+        writer.add_scalar("lr", lr, epoch)
+        mean_acc = sum(accuracy.values()) / len(accuracy)
+        writer.add_scalar("acc/val/mean", mean_acc, epoch)
+        writer.flush()
+        log.info("%s epoch %d/%d: loss %.4f, val acc %s (mean %.4f), lr %.2e, %.0f img/s",
+                 name, epoch, epochs, stats["loss"],
+                 " ".join(f"{a} {v:.4f}" for a, v in accuracy.items()), mean_acc, lr,
+                 stats["img/s"])
+        if not math.isfinite(stats["loss"]):
+            raise KamalError(f"{name}: non-finite loss in epoch {epoch}")
+        on_epoch_end(epoch, accuracy)
+    return accuracy

@@ -1,0 +1,140 @@
+"""Test-split report of a group: teachers, the label-free min-entropy choice, component and
+target nets per attribute, and the entropy of correct vs wrong teacher predictions (the
+paper's evidence that entropy impurity is a proxy for correctness)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from .attributes import GROUPS, source_nets_of
+from .checkpoint import component_dir, epoch_file, load_net, source_dir, target_dir
+from .config import RunConfig
+from .engine import accuracy_per_head, predict
+from .losses import entropy_impurity, route_by_entropy
+from .pipeline import dataset, loader
+
+log = logging.getLogger(__name__)
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+
+def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
+                   writer: SummaryWriter | None = None) -> dict[str, Any]:
+    """Per attribute of ``group``: every source net's accuracy, the best of them, the
+    min-entropy choice among them (per image, no labels), the component and the target net.
+
+    Nets whose checkpoint is absent are reported as ``None`` (and logged), never replaced.
+    """
+    attributes = GROUPS[group]
+    device = torch.device(cfg.device)
+    test_data = dataset(cfg, split, attributes)
+    labels = test_data.labels  # the loader does not shuffle: row n is image n
+    data = loader(cfg, test_data, shuffle=False)
+    target_path = epoch_file(target_dir(cfg.target_root, group, cfg.variant), cfg.target_epochs)
+    target_logits = None
+    if target_path.exists():
+        net, _ = load_net(target_path, kind="target", image_size=cfg.image_size)
+        target_logits, _ = predict(net.to(device), data, device, desc="target")
+    else:
+        log.warning("no target net at %s", target_path)
+    result: dict[str, Any] = {"group": group, "split": split, "variant": cfg.variant,
+                              "attributes": {}}
+    correct_h, wrong_h = [], []
+    for j, attribute in enumerate(attributes):
+        row: dict[str, Any] = {"sources": {}}
+        logits, entropies = [], []
+        for spec in source_nets_of(group, attribute):
+            path = epoch_file(source_dir(cfg.sources_root, spec), cfg.source_save_epoch)
+            if not path.exists():
+                log.warning("no source net at %s", path)
+                row["sources"][str(spec.source_id)] = None
+                continue
+            net, _ = load_net(path, kind="source", attribute=attribute, image_size=cfg.image_size)
+            out, _ = predict(net.to(device), data, device, desc=spec.name)
+            z = out[:, net.attributes.index(attribute)]
+            h = entropy_impurity(z)
+            right = z.argmax(-1) == labels[:, j]
+            correct_h.append(h[right])
+            wrong_h.append(h[~right])
+            if writer is not None:
+                writer.add_histogram(f"entropy/{attribute}/{spec.name}/correct", h[right], 0)
+                writer.add_histogram(f"entropy/{attribute}/{spec.name}/wrong", h[~right], 0)
+            row["sources"][str(spec.source_id)] = _accuracy(z, labels[:, j])
+            logits.append(z)
+            entropies.append(h)
+        accs = [a for a in row["sources"].values() if a is not None]
+        row["best_source"] = max(accs) if accs else None
+        if logits:
+            pick = route_by_entropy(torch.stack(entropies, 1))
+            chosen = torch.stack(logits, 1)[torch.arange(len(pick)), pick]
+            row["min_entropy"] = _accuracy(chosen, labels[:, j])
+        else:
+            row["min_entropy"] = None
+        path = epoch_file(component_dir(cfg.components_root, group, cfg.variant, attribute),
+                          cfg.component_epochs)
+        if path.exists():
+            net, _ = load_net(path, kind="component", attribute=attribute, image_size=cfg.image_size)
+            out, _ = predict(net.to(device), data, device, desc=f"component {attribute}")
+            row["component"] = _accuracy(out[:, 0], labels[:, j])
+        else:
+            log.warning("no component net at %s", path)
+            row["component"] = None
+        row["target"] = None if target_logits is None else _accuracy(target_logits[:, j], labels[:, j])
+        result["attributes"][attribute] = row
+    rows = result["attributes"].values()
+    result["mean"] = {}
+    for key in ("best_source", "min_entropy", "component", "target"):
+        values = [r[key] for r in rows]
+        result["mean"][key] = None if None in values else sum(values) / len(values)
+    all_sources = [a for r in rows for a in r["sources"].values() if a is not None]
+    result["mean"]["sources"] = sum(all_sources) / len(all_sources) if all_sources else None
+    if correct_h:
+        c, w = torch.cat(correct_h), torch.cat(wrong_h)
+        result["entropy"] = {"correct": c.mean().item() if len(c) else None,
+                             "wrong": w.mean().item() if len(w) else None,
+                             "num_correct": len(c), "num_wrong": len(w)}
+    return result
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """An aligned text table of :func:`evaluate_group`'s result (accuracies in %)."""
+    header = ["attribute", "sources", "best src", "min-H src", "component", "target"]
+    lines = []
+    for attribute, r in result["attributes"].items():
+        sources = " ".join(f"{k}:{_pct(v)}" for k, v in r["sources"].items())
+        lines.append([attribute, sources, _pct(r["best_source"]), _pct(r["min_entropy"]),
+                      _pct(r["component"]), _pct(r["target"])])
+    m = result["mean"]
+    lines.append(["mean", f"all:{_pct(m['sources'])}", _pct(m["best_source"]),
+                  _pct(m["min_entropy"]), _pct(m["component"]), _pct(m["target"])])
+    widths = [max(len(str(row[k])) for row in [header] + lines) for k in range(len(header))]
+    fmt = lambda row: "  ".join(str(c).ljust(w) if k < 2 else str(c).rjust(w)  # noqa: E731
+                                for k, (c, w) in enumerate(zip(row, widths)))
+    out = [f"{result['group']} group, {result['split']} split, {result['variant']} "
+           "(accuracy %)", fmt(header), fmt(["-" * w for w in widths])]
+    out += [fmt(row) for row in lines]
+    if "entropy" in result:
+        e = result["entropy"]
+        fmt_h = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+        out.append(f"teacher entropy (nats): correct {fmt_h(e['correct'])} "
+                   f"(n={e['num_correct']}), wrong {fmt_h(e['wrong'])} (n={e['num_wrong']})")
+    return "\n".join(out)
+
+
+def evaluate_checkpoint(path: Path, cfg: RunConfig, split: str = "test") -> dict[str, float]:
+    """Per-attribute accuracy of any checkpoint this project wrote, on ``split``."""
+    device = torch.device(cfg.device)
+    net, _ = load_net(path, image_size=cfg.image_size)
+    data = loader(cfg, dataset(cfg, split, net.attributes), shuffle=False)
+    logits, labels = predict(net.to(device), data, device, desc=path.name)
+    return accuracy_per_head(logits, labels, net.attributes)

@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from kamal_attr.methods import SelectiveAmalgamation, SourceTraining, TargetAmalgamation
+from kamal_attr.models import AttributeResNet
+
+
+def nets(seed=0):
+    torch.manual_seed(seed)
+    teachers = [AttributeResNet(["Bangs", "Male"], 8), AttributeResNet(["Young", "Bangs"], 8)]
+    return AttributeResNet(["Bangs"], 4), teachers
+
+
+def grad_norm(module):
+    grads = [p.grad.abs().sum() for p in module.parameters() if p.grad is not None]
+    return float(sum(grads)) if grads else 0.0
+
+
+def test_a_sample_reaches_only_the_bridges_of_its_source_net():
+    student, teachers = nets()
+    routing = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    method = SelectiveAmalgamation(student, teachers, "Bangs", routing).train()
+    images = torch.randn(2, 3, 32, 32)
+    parts = method.forward_train(images, torch.zeros(2, 1, dtype=torch.long), torch.tensor([0, 1]))
+    assert set(parts) == {"logit", "penalty", "feature/conv1", "feature/layer1", "feature/layer2",
+                          "feature/layer3", "feature/layer4"}
+    (sum(parts.values()) - parts["penalty"]).backward()  # the distillation part alone
+    assert grad_norm(method.component_bridges[0]) > 0 and grad_norm(method.source_bridges[0]) > 0
+    assert grad_norm(method.component_bridges[1]) == 0 and grad_norm(method.source_bridges[1]) == 0
+    assert all(p.grad is None for t in method.teachers for p in t.parameters())
+
+
+def test_teacher_head_is_the_component_attribute():
+    student, teachers = nets()
+    method = SelectiveAmalgamation(student, teachers, "Bangs", torch.eye(2))
+    assert method.heads == [0, 1]
+
+
+def test_average_selection_uses_every_teacher():
+    student, teachers = nets()
+    method = SelectiveAmalgamation(student, teachers, "Bangs", torch.full((2, 2), 0.5)).train()
+    parts = method.forward_train(torch.randn(2, 3, 32, 32), torch.zeros(2, 1, dtype=torch.long),
+                                 torch.tensor([0, 1]))
+    (sum(parts.values()) - parts["penalty"]).backward()
+    assert all(grad_norm(b) > 0 for b in method.component_bridges)
+
+
+def test_logits_only_ablation_has_no_bridges():
+    student, teachers = nets()
+    method = SelectiveAmalgamation(student, teachers, "Bangs", torch.eye(2), feature_loss=False)
+    parts = method.forward_train(torch.randn(2, 3, 32, 32), None, torch.tensor([0, 1]))
+    assert set(parts) == {"logit"}
+    assert not hasattr(method, "source_bridges")
+
+
+def test_teachers_stay_frozen_in_eval_mode():
+    student, teachers = nets()
+    method = SelectiveAmalgamation(student, teachers, "Bangs", torch.eye(2))
+    before = [t.bn1.running_mean.clone() for t in teachers]
+    optimizer = torch.optim.SGD([p for g in method.parameter_groups(0.1) for p in g["params"]], lr=0.1)
+    method.train()
+    assert method.student.training and not any(t.training for t in method.teachers)
+    for _ in range(2):
+        parts = method.forward_train(torch.randn(2, 3, 32, 32), None, torch.tensor([0, 1]))
+        optimizer.zero_grad()
+        sum(parts.values()).backward()
+        optimizer.step()
+    assert all(torch.equal(b, t.bn1.running_mean) for b, t in zip(before, teachers))
+    assert not any(p.requires_grad for t in method.teachers for p in t.parameters())
+    trainable = {id(p) for g in method.parameter_groups(0.1) for p in g["params"]}
+    assert not trainable & {id(p) for t in method.teachers for p in t.parameters()}
+
+
+def test_bridge_learning_rates_per_tap():
+    student, teachers = nets()
+    groups = SelectiveAmalgamation(student, teachers, "Bangs", torch.eye(2)).parameter_groups(1e-4)
+    assert [g["lr"] for g in groups] == pytest.approx([1e-4, 1e-4, 1e-4, 1e-5, 1e-4, 1e-4])
+
+
+def test_target_loss_touches_every_component():
+    torch.manual_seed(0)
+    components = [AttributeResNet([a], 4) for a in ("Bangs", "Young", "Male")]
+    target = AttributeResNet(["Bangs", "Young", "Male"], 6)
+    method = TargetAmalgamation(target, components).train()
+    parts = method.forward_train(torch.randn(2, 3, 32, 32), None, None)
+    assert {k.split("/")[1] for k in parts} == {"Bangs", "Young", "Male"}
+    sum(parts.values()).backward()
+    assert all(grad_norm(b) > 0 for b in method.bridges)
+    assert all(target.heads.weight.grad[2 * j:2 * j + 2].abs().sum() > 0 for j in range(3))
+
+
+def test_source_training_is_cross_entropy_per_head():
+    model = AttributeResNet(["Bangs", "Male"], 4).eval()
+    images, labels = torch.randn(3, 3, 32, 32), torch.tensor([[0, 1], [1, 1], [0, 0]])
+    loss = SourceTraining(model).forward_train(images, labels, None)["ce"]
+    logits = model(images)
+    expected = sum(torch.nn.functional.cross_entropy(logits[:, k], labels[:, k]) for k in range(2))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -1,0 +1,123 @@
+"""End to end on a few dozen tiny drawn faces: scripts' mains in-process, CPU, 32 px."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+import train
+import train_sourcenet
+from kamal_attr import KamalError
+from kamal_attr.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def common(root: Path, data: Path) -> list[str]:
+    return ["--data_root", str(data), "--save_root", str(root), "--image_size", "32",
+            "--batch_size", "6", "--workers", "0", "--device", "cpu"]
+
+
+def events(folder: Path) -> list[Path]:
+    return list(folder.rglob("events.out.tfevents.*"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synthetic_root):
+    """Train the hair group's 9 source nets, both stages and evaluate (1 epoch each)."""
+    root = tmp_path_factory.mktemp("run")
+    args = common(root, synthetic_root)
+    train_sourcenet.main(train_sourcenet.get_args_parser().parse_args(
+        ["--all", "--group", "hair", "--epochs", "1", "--width", "4", "--pretrained", "none"] + args))
+    amalgamate = ["--target_attribute", "hair", "--sorce_saveEpoch", "1", "--component_saveEpoch", "1",
+                  "--target_epoch", "1", "--width", "4", "--target_width", "6"] + args
+    train.main(train.get_args_parser().parse_args(amalgamate))
+    return root, amalgamate
+
+
+def test_source_net_checkpoint_and_tensorboard(trained):
+    root, _ = trained
+    ckpt = load_checkpoint(root / "snapshot/sources/hair/source7_Brown_Hair/epoch_001.pth")
+    assert ckpt["kind"] == "source" and ckpt["attributes"] == ["Brown_Hair", "Narrow_Eyes", "Chubby"]
+    assert ckpt["width"] == 4 and ckpt["image_size"] == 32 and ckpt["epoch"] == 1
+    assert set(ckpt["val_accuracy"]) == set(ckpt["attributes"])
+    last = load_checkpoint(root / "snapshot/sources/hair/source7_Brown_Hair/last.pth")
+    assert {"optimizer", "scheduler", "method"} <= set(last)
+    assert len(events(root / "run/sources/hair/source7_Brown_Hair")) == 1
+    assert "source7_Brown_Hair epoch 1/1" in (root / "run/log.txt").read_text()
+
+
+def test_routing_lists_partition_the_training_split(trained, synthetic_root):
+    root, _ = trained
+    folder = root / "data/sources/hair/entropy"
+    names = [n for f in ("source5_Brown_Hair", "source6_Brown_Hair", "source7_Brown_Hair")
+             for n in (folder / f"{f}.txt").read_text().split()]
+    assert sorted(names) == [f"{i:06d}.jpg" for i in range(1, 37)]  # the 36 training images, once
+
+
+def test_components_target_and_tensorboard(trained):
+    root, _ = trained
+    for attribute in ("Black_Hair", "Blond_Hair", "Brown_Hair", "Bangs"):
+        ckpt = load_checkpoint(root / f"snapshot/components/hair/entropy/{attribute}/epoch_001.pth")
+        assert ckpt["kind"] == "component" and ckpt["attributes"] == [attribute]
+        assert abs(sum(ckpt["routing_share"]) - 1) < 1e-6
+    target = load_checkpoint(root / "snapshot/target/hair/entropy/epoch_001.pth")
+    assert target["attributes"] == ["Black_Hair", "Blond_Hair", "Brown_Hair", "Bangs"]
+    assert target["width"] == 6
+    assert events(root / "run/components/hair/entropy/Bangs") and events(root / "run/target/hair/entropy")
+
+
+def test_evaluate_writes_json(trained, tmp_path):
+    root, amalgamate = trained
+    out = tmp_path / "hair.json"
+    evaluate.main(evaluate.get_args_parser().parse_args(amalgamate + ["--json", str(out)]))
+    result = json.loads(out.read_text())
+    assert result["group"] == "hair" and result["split"] == "test"
+    row = result["attributes"]["Brown_Hair"]
+    assert set(row["sources"]) == {"5", "6", "7"}
+    for key in ("best_source", "min_entropy", "component", "target"):
+        assert 0 <= row[key] <= 1 and 0 <= result["mean"][key] <= 1
+    assert row["best_source"] == max(row["sources"].values())
+    assert result["entropy"]["num_correct"] + result["entropy"]["num_wrong"] == 9 * 12
+
+
+def test_second_run_reuses_finished_nets(trained, caplog):
+    root, amalgamate = trained
+    before = (root / "snapshot/target/hair/entropy/epoch_001.pth").stat().st_mtime_ns
+    train.main(train.get_args_parser().parse_args(amalgamate))
+    assert (root / "snapshot/target/hair/entropy/epoch_001.pth").stat().st_mtime_ns == before
+
+
+def test_missing_source_names_file_and_command(tmp_path, synthetic_root):
+    args = train.get_args_parser().parse_args(
+        ["--target_attribute", "eye", "--stage", "component", "--sorce_saveEpoch", "3"]
+        + common(tmp_path, synthetic_root))
+    with pytest.raises(KamalError) as info:
+        train.main(args)
+    message = str(info.value)
+    assert "source1_Bags_Under_Eyes/epoch_003.pth" in message
+    assert "python train_sourcenet.py --target_attribute Bags_Under_Eyes --source_id 1 --epochs 3" in message
+
+
+def test_routing_is_deterministic(trained, synthetic_root):
+    from kamal_attr.attributes import source_nets_of
+    from kamal_attr.config import resolve_config
+    from kamal_attr.pipeline import compute_routing, dataset, load_teachers, source_checkpoints
+    root, amalgamate = trained
+    cfg = resolve_config(train.get_args_parser().parse_args(amalgamate))
+    teachers = load_teachers(source_checkpoints("hair", "Brown_Hair", cfg), "Brown_Hair", cfg)
+    data = dataset(cfg, "train", ["Brown_Hair"])
+    first, second = (compute_routing(teachers, "Brown_Hair", data, cfg) for _ in range(2))
+    assert torch.equal(first[1], second[1]) and first[1].sum(1).eq(1).all()
+    assert len(source_nets_of("hair", "Brown_Hair")) == first[0].shape[1]
+
+
+def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
+    result = subprocess.run([sys.executable, "train_sourcenet.py", "--data_root", str(tmp_path / "none"),
+                             "--save_root", str(tmp_path), "--device", "cpu"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: data root") and len(result.stderr.strip().splitlines()) == 1

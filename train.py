@@ -1,0 +1,75 @@
+"""Adaptive knowledge amalgamation: source nets -> component nets -> target net.
+
+    python train.py --target_attribute hair --demo      # the whole CPU demo, ~15 min
+    python train.py --target_attribute eye --stage component
+
+Stage 1 (component) routes every training image to its least-ambiguous source net
+(min entropy impurity), writes the routing lists, and trains one component net per
+attribute through transfer bridges. Stage 2 (target) amalgamates the components into one
+multi-head target net. With --demo, missing source nets are trained first, and the
+test-split table of evaluate.py is printed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from kamal_attr.attributes import GROUPS, check_group, source_nets_of
+from kamal_attr.cli import run
+from kamal_attr.config import SELECTIONS, add_common_args, resolve_config
+from kamal_attr.evaluation import evaluate_group, format_table
+from kamal_attr.pipeline import (GroupData, ensure_data, setup_logging, train_component,
+                                 train_source_net, train_target)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("amalgamation")
+    g.add_argument("--target_attribute", default="hair", help="group: hair, eye or face (default hair)")
+    g.add_argument("--stage", choices=["component", "target", "all"], default="all")
+    g.add_argument("--sorce_saveEpoch", "--source_save_epoch", dest="source_save_epoch", type=int,
+                   help="epoch of the source-net checkpoints to use (40; demo 6)")
+    g.add_argument("--component_saveEpoch", "--component_save_epoch", dest="component_save_epoch",
+                   type=int, help="epochs of component training; that checkpoint feeds stage 2 (50; demo 5)")
+    g.add_argument("--target_epoch", type=int, help="epochs of target training (50; demo 5)")
+    g.add_argument("--sourcedata_txtroot", help="routing lists, one per source net (default data/sources/)")
+    g.add_argument("--componentnets_root", help="component nets (default snapshot/components/)")
+    g.add_argument("--target_root", help="target nets (default snapshot/target/)")
+    g.add_argument("--selection", choices=SELECTIONS, default="entropy",
+                   help="which teacher each image learns from: min entropy (paper), all averaged, "
+                        "or a fixed random one (ablations)")
+    g.add_argument("--no_feature_loss", action="store_true", help="logits only (ablation)")
+    g.add_argument("--lr", type=float, help="learning rate of nets and bridges (1e-4; demo 1e-3)")
+    g.add_argument("--width", type=int, help="component net base width (64; demo 16)")
+    g.add_argument("--target_width", type=int, help="target net base width (90; demo 24)")
+    add_common_args(p)
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    group = check_group(args.target_attribute)
+    cfg = resolve_config(args)
+    setup_logging(cfg.log_dir)
+    ensure_data(cfg)
+    if cfg.demo:  # the one-command demo: make whatever teachers are missing
+        demo_sources = dataclasses.replace(cfg, source_epochs=cfg.source_save_epoch, overwrite=False)
+        for spec in source_nets_of(group):
+            train_source_net(spec, demo_sources)
+    data = GroupData(group, cfg)  # decoded once, shared by the components and the target
+    if args.stage in ("component", "all"):
+        for attribute in GROUPS[group]:
+            train_component(group, attribute, cfg, data)
+    if args.stage in ("target", "all"):
+        train_target(group, cfg, data)
+    if cfg.demo:
+        result = evaluate_group(group, cfg)
+        out = cfg.log_dir / f"evaluate_{group}_{cfg.variant}.json"
+        out.write_text(json.dumps(result, indent=2))
+        print(format_table(result))
+        print(f"(written to {out})")
+
+
+if __name__ == "__main__":
+    run(lambda: main(get_args_parser().parse_args()))
