@@ -9,12 +9,10 @@ import argparse
 import json
 from pathlib import Path
 
-from torch.utils.tensorboard import SummaryWriter
-
 from kamal_attr.attributes import check_group
 from kamal_attr.cli import run
 from kamal_attr.config import SELECTIONS, add_common_args, resolve_config
-from kamal_attr.evaluation import evaluate_checkpoint, evaluate_group, format_table
+from kamal_attr.evaluation import evaluate_checkpoint, report_group
 from kamal_attr.pipeline import ensure_data, setup_logging
 
 
@@ -44,22 +42,19 @@ def main(args: argparse.Namespace) -> None:
     cfg = resolve_config(args)
     setup_logging(cfg.log_dir)
     ensure_data(cfg)
-    if args.checkpoint:
-        result = {"checkpoint": str(args.checkpoint), "split": args.split,
-                  "accuracy": evaluate_checkpoint(args.checkpoint, cfg, args.split)}
-        width = max(len(a) for a in result["accuracy"])
-        for attribute, acc in result["accuracy"].items():
-            print(f"{attribute.ljust(width)}  {100 * acc:6.2f}")
-        values = list(result["accuracy"].values())
-        print(f"{'mean'.ljust(width)}  {100 * sum(values) / len(values):6.2f}")
-    else:
-        with SummaryWriter(str(cfg.log_dir / "evaluate" / group / cfg.variant)) as writer:
-            result = evaluate_group(group, cfg, args.split, writer)
-        print(format_table(result))
+    if not args.checkpoint:
+        report_group(group, cfg, args.split, args.json)
+        return
+    accuracy = evaluate_checkpoint(args.checkpoint, cfg, args.split)
+    width = max(len(a) for a in accuracy)
+    for attribute, acc in accuracy.items():
+        print(f"{attribute.ljust(width)}  {100 * acc:6.2f}")
+    print(f"{'mean'.ljust(width)}  {100 * sum(accuracy.values()) / len(accuracy):6.2f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"written to {args.json}")
+        args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split,
+                                         "accuracy": accuracy}, indent=2))
+        print(f"(written to {args.json})")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 
 from kamal_attr.attributes import GROUPS, check_group, source_nets_of
 from kamal_attr.cli import run
 from kamal_attr.config import SELECTIONS, add_common_args, resolve_config
-from kamal_attr.evaluation import evaluate_group, format_table
+from kamal_attr.evaluation import report_group
 from kamal_attr.pipeline import (GroupData, ensure_data, setup_logging, train_component,
                                  train_source_net, train_target)
 
@@ -64,11 +63,7 @@ def main(args: argparse.Namespace) -> None:
     if args.stage in ("target", "all"):
         train_target(group, cfg, data)
     if cfg.demo:
-        result = evaluate_group(group, cfg)
-        out = cfg.log_dir / f"evaluate_{group}_{cfg.variant}.json"
-        out.write_text(json.dumps(result, indent=2))
-        print(format_table(result))
-        print(f"(written to {out})")
+        report_group(group, cfg, json_path=cfg.log_dir / f"evaluate_{group}_{cfg.variant}.json")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 Package layout, in the order data flows:
 ``attributes`` (registry) -> ``celeba`` / ``synthetic`` (data) -> ``models`` (ResNet-18,
-feature taps) -> ``losses`` (entropy, bridges, penalties) -> ``methods`` (one module per
-stage with ``forward_train``) -> ``engine`` (the one training loop) -> ``pipeline`` (stages
-as callable functions used by the scripts) and ``evaluation``.
+feature taps) -> ``losses`` (entropy, bridges, penalty) -> ``methods`` (one module per
+stage with ``forward_train``) -> ``engine`` (the one training loop) -> ``checkpoint``
+(files) -> ``config`` (presets, flags) -> ``pipeline`` (the stages the scripts call) and
+``evaluation``; ``cli`` turns user errors into one line.
 """
 
 

@@ -53,9 +53,9 @@ REAL = Preset(
 #: each source net trains on its own, style-skewed third of the training split.
 DEMO = Preset(
     data_root="data/synthetic", image_size=64, width=16, target_width=24, batch_size=64,
-    workers=0, cache_images=True, pretrained="none", source_epochs=5, source_save_epoch=5,
+    workers=0, cache_images=True, pretrained="none", source_epochs=4, source_save_epoch=4,
     source_optim=OptimConfig("adam", 1e-3, schedule="cosine"),
-    component_epochs=4, target_epochs=5,
+    component_epochs=4, target_epochs=6,
     amalgamation_optim=OptimConfig("adam", 1e-3, schedule="cosine"),
     train_parts=3, subfolder="demo")
 
@@ -138,8 +138,13 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     sub = preset.subfolder
 
     def out_root(flag: str, default: str) -> Path:
+        """``--flag`` if given, else ``default`` with the preset's sub-folder after its first
+        part (``snapshot/sources`` -> ``snapshot/demo/sources``), under ``base``."""
         value = getattr(args, flag, None)
-        return base / (value if value else str(Path(default.split("/")[0], sub, *default.split("/")[1:])))
+        if value:
+            return base / value
+        first, *rest = default.split("/")
+        return base / first / sub / "/".join(rest)
 
     get = lambda flag, default: default if getattr(args, flag, None) is None else getattr(args, flag)  # noqa: E731
     source_optim = replace(preset.source_optim)

@@ -20,7 +20,6 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from . import KamalError
-from .losses import entropy_impurity
 from .methods import Method
 
 log = logging.getLogger(__name__)
@@ -113,10 +112,6 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader, device: torch.device
     if label_columns is not None:
         labels = labels[:, list(label_columns)]
     return accuracy_per_head(logits, labels, model.attributes)
-
-
-def mean_entropy(logits: torch.Tensor) -> float:
-    return entropy_impurity(logits).mean().item()
 
 
 def fit(method: Method, train_loader: DataLoader, val_loader: DataLoader,

@@ -3,6 +3,7 @@ target nets per attribute, and the entropy of correct vs wrong teacher predictio
 paper's evidence that entropy impurity is a proxy for correctness)."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,20 @@ def format_table(result: dict[str, Any]) -> str:
         out.append(f"teacher entropy (nats): correct {fmt_h(e['correct'])} "
                    f"(n={e['num_correct']}), wrong {fmt_h(e['wrong'])} (n={e['num_wrong']})")
     return "\n".join(out)
+
+
+def report_group(group: str, cfg: RunConfig, split: str = "test",
+                 json_path: Path | None = None) -> dict[str, Any]:
+    """Evaluate ``group`` (histograms to ``log_dir/evaluate/...``), print the table and
+    optionally write the JSON; what ``evaluate.py`` and the demo of ``train.py`` print."""
+    with SummaryWriter(str(cfg.log_dir / "evaluate" / group / cfg.variant)) as writer:
+        result = evaluate_group(group, cfg, split, writer)
+    print(format_table(result))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2))
+        print(f"(written to {json_path})")
+    return result
 
 
 def evaluate_checkpoint(path: Path, cfg: RunConfig, split: str = "test") -> dict[str, float]:

@@ -35,7 +35,7 @@ from .attributes import CELEBA_ATTRIBUTES
 WIDTH, HEIGHT = 178, 218
 STYLES = ("studio", "dim", "vintage")
 #: Share of the training split drawn in the block's own style (the rest split evenly).
-STYLE_SKEW = 0.9
+STYLE_SKEW = 0.97
 #: Label-flip rates: subjective attributes are noisier in CelebA, too.
 SUBJECTIVE = {"Attractive", "Oval_Face", "Pointy_Nose", "Big_Lips", "Big_Nose",
               "Arched_Eyebrows", "Narrow_Eyes", "Bags_Under_Eyes", "High_Cheekbones"}
@@ -173,7 +173,7 @@ def render_face(face: dict, style: int, rng: np.random.Generator) -> Image.Image
     s = rng.uniform(0.85, 1.08)
     cx, cy = WIDTH / 2 + rng.uniform(-9, 9), 112 + rng.uniform(-9, 9)
     a = 37 * s * (1.13 if A["Chubby"] else 1.0)
-    b = a * (1.45 if A["Oval_Face"] else 1.24) * (0.93 if A["Chubby"] else 1.0)
+    b = a * (1.52 if A["Oval_Face"] else 1.2) * (0.93 if A["Chubby"] else 1.0)
     skin = PALE_SKIN if A["Pale_Skin"] else SKIN_TONES[rng.integers(len(SKIN_TONES))]
     skin = _jitter(skin, rng, 8) + (255,)
     shade = _darker(skin, 0.72)
@@ -247,11 +247,11 @@ def render_face(face: dict, style: int, rng: np.random.Generator) -> Image.Image
                    (cx + 0.7 * a, cy - 1.3 * b), (cx + 0.85 * a, cy - 0.68 * b)], fill=hat)
     # --- age --------------------------------------------------------------------------
     if not A["Young"]:
-        wrinkle = _darker(skin, 0.8, 200)
+        wrinkle = _darker(skin, 0.6, 230)
         if not A["Bangs"]:
             for k in range(3):
-                y = cy - 0.5 * b + 4 * k
-                d.line([(cx - 0.35 * a, y), (cx + 0.35 * a, y)], fill=wrinkle, width=1)
+                y = cy - 0.5 * b + 5 * k
+                d.line([(cx - 0.4 * a, y), (cx + 0.4 * a, y)], fill=wrinkle, width=2)
         for side in (-1, 1):  # crow's feet and nasolabial folds
             x = cx + side * 0.7 * a
             d.line([(x, cy - 0.08 * b), (x + side * 6, cy - 0.12 * b)], fill=wrinkle, width=1)
@@ -261,8 +261,8 @@ def render_face(face: dict, style: int, rng: np.random.Generator) -> Image.Image
     # --- eyes, brows, makeup, glasses -------------------------------------------------------
     brow = _darker(hair if hair else (90, 70, 60), 0.75) if hair else (80, 60, 50, 255)
     eye_y = cy - 0.05 * b
-    eye_w = 0.17 * a * (1.08 if A["Attractive"] else 1.0)
-    eye_h = eye_w * (0.34 if A["Narrow_Eyes"] else 0.62)
+    eye_w = 0.21 * a * (1.08 if A["Attractive"] else 1.0)
+    eye_h = eye_w * (0.22 if A["Narrow_Eyes"] else 0.62)
     for side in (-1, 1):
         ex = cx + side * 0.4 * a
         ey = eye_y + (0 if A["Attractive"] or side < 0 else 2.5)
@@ -270,8 +270,8 @@ def render_face(face: dict, style: int, rng: np.random.Generator) -> Image.Image
             shadow = _jitter((120, 60, 150), rng, 50) + (150,)
             d.ellipse([ex - eye_w * 1.1, ey - eye_h - 6, ex + eye_w * 1.1, ey + 1], fill=shadow)
         if A["Bags_Under_Eyes"]:
-            d.arc([ex - eye_w, ey, ex + eye_w, ey + eye_h + 7], 20, 160,
-                  fill=_darker(skin, 0.62), width=2)
+            d.arc([ex - eye_w, ey, ex + eye_w, ey + eye_h + 8], 20, 160,
+                  fill=_darker(skin, 0.5), width=4)
         d.ellipse([ex - eye_w, ey - eye_h, ex + eye_w, ey + eye_h], fill=(250, 250, 250, 255))
         r_iris = min(eye_h, eye_w * 0.5)
         d.ellipse([ex - r_iris, ey - r_iris, ex + r_iris, ey + r_iris], fill=(40, 30, 30, 255))
@@ -279,7 +279,7 @@ def render_face(face: dict, style: int, rng: np.random.Generator) -> Image.Image
             d.arc([ex - eye_w, ey - eye_h, ex + eye_w, ey + eye_h], 190, 350,
                   fill=(10, 10, 10, 255), width=2)
         by = ey - eye_h - 0.12 * b
-        bw = 4 if A["Bushy_Eyebrows"] else 2
+        bw = 7 if A["Bushy_Eyebrows"] else 2
         if A["Arched_Eyebrows"]:
             d.arc([ex - eye_w * 1.2, by - 3, ex + eye_w * 1.2, by + 7], 200, 340, fill=brow, width=bw)
         else:

@@ -46,5 +46,5 @@ def write_celeba(root: Path, n: int = 6, kind: str = "official", lists_dir: str 
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
-    """A small synthetic dataset (54 drawn faces: 36 train, 6 val, 12 test)."""
+    """A small synthetic dataset (54 drawn faces: 32 train, 5 val, 17 test)."""
     return generate(tmp_path_factory.mktemp("synthetic") / "celeba", num_images=54, seed=1, workers=1)

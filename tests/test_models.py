@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 from kamal_attr import KamalError
-from kamal_attr.models import (TAP_LAYERS, AttributeResNet, FeatureTaps, build_model,
+from kamal_attr.models import (AttributeResNet, FeatureTaps, build_model,
                                load_imagenet_weights, tap_channels)
 
 
