@@ -49,7 +49,7 @@ PALE_SKIN = (252, 236, 228)
 
 
 def split_sizes(num_images: int) -> tuple[int, int, int]:
-    """Train / val / test sizes: 60 %, 10 %, the rest (5400 / 900 / 2700 for 9000).
+    """Train / val / test sizes: 60 %, 10 %, the rest (4800 / 800 / 2400 for 8000).
 
     A large test split keeps the comparisons of the demo table precise (±0.4 points)."""
     n_train, n_val = num_images * 6 // 10, num_images // 10
@@ -386,7 +386,7 @@ def _write_attr_list(path: Path, names: list[str], labels: np.ndarray) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def generate(out: str | Path, num_images: int = 9000, seed: int = 0,
+def generate(out: str | Path, num_images: int = 8000, seed: int = 0,
              workers: int | None = None) -> Path:
     """Write a synthetic dataset in the official CelebA layout under ``out``; return ``out``.
 
@@ -442,7 +442,7 @@ def is_complete(root: str | Path) -> bool:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Write the synthetic CelebA-format face dataset.")
     p.add_argument("--out", default="data/synthetic", help="output folder (replaced if present)")
-    p.add_argument("--num_images", type=int, default=9000)
+    p.add_argument("--num_images", type=int, default=8000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="drawing processes (default: cores)")
     args = p.parse_args(argv)
