@@ -47,9 +47,11 @@ def main(args: argparse.Namespace) -> None:
         return
     accuracy = evaluate_checkpoint(args.checkpoint, cfg, args.split)
     width = max(len(a) for a in accuracy)
-    for attribute, acc in accuracy.items():
-        print(f"{attribute.ljust(width)}  {100 * acc:6.2f}")
-    print(f"{'mean'.ljust(width)}  {100 * sum(accuracy.values()) / len(accuracy):6.2f}")
+    print(f"{'attribute'.ljust(width)}  accuracy  majority  (%, {args.split} split)")
+    for attribute, r in accuracy.items():
+        print(f"{attribute.ljust(width)}  {100 * r['accuracy']:8.2f}  {100 * r['majority']:8.2f}")
+    mean = {k: sum(r[k] for r in accuracy.values()) / len(accuracy) for k in ("accuracy", "majority")}
+    print(f"{'mean'.ljust(width)}  {100 * mean['accuracy']:8.2f}  {100 * mean['majority']:8.2f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split,

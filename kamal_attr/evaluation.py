@@ -146,10 +146,14 @@ def report_group(group: str, cfg: RunConfig, split: str = "test",
     return result
 
 
-def evaluate_checkpoint(path: Path, cfg: RunConfig, split: str = "test") -> dict[str, float]:
-    """Per-attribute accuracy of any checkpoint this project wrote, on ``split``."""
+def evaluate_checkpoint(path: Path, cfg: RunConfig, split: str = "test") -> dict[str, dict[str, float]]:
+    """Per attribute of any checkpoint this project wrote, on ``split``: its ``accuracy`` and
+    the ``majority`` baseline (always answering the split's more frequent label)."""
     device = torch.device(cfg.device)
     net, _ = load_net(path, image_size=cfg.image_size)
     data = loader(cfg, dataset(cfg, split, net.attributes), shuffle=False)
     logits, labels = predict(net.to(device), data, device, desc=path.name)
-    return accuracy_per_head(logits, labels, net.attributes)
+    accuracy = accuracy_per_head(logits, labels, net.attributes)
+    positive = labels.float().mean(0)
+    return {a: {"accuracy": accuracy[a], "majority": max(positive[k].item(), 1 - positive[k].item())}
+            for k, a in enumerate(net.attributes)}

@@ -121,3 +121,15 @@ def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: data root") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_any_checkpoint(trained, tmp_path, capsys):
+    root, select = trained
+    out = tmp_path / "one.json"
+    path = root / "snapshot/sources/hair/source3_Blond_Hair/epoch_001.pth"
+    evaluate.main(evaluate.get_args_parser().parse_args(
+        select + ["--checkpoint", str(path), "--json", str(out)]))
+    result = json.loads(out.read_text())["accuracy"]
+    assert list(result) == ["Blond_Hair", "Pale_Skin", "Receding_Hairline"]
+    assert all(0.5 <= r["majority"] <= 1 and 0 <= r["accuracy"] <= 1 for r in result.values())
+    assert "Receding_Hairline" in capsys.readouterr().out
