@@ -8,7 +8,6 @@ iteration), evaluates on the val split and hands each epoch to a checkpoint call
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -143,7 +142,5 @@ def fit(method: Method, train_loader: DataLoader, val_loader: DataLoader,
                  name, epoch, epochs, stats["loss"],
                  " ".join(f"{a} {v:.4f}" for a, v in accuracy.items()), mean_acc, lr,
                  stats["img/s"])
-        if not math.isfinite(stats["loss"]):
-            raise KamalError(f"{name}: non-finite loss in epoch {epoch}")
         on_epoch_end(epoch, accuracy)
     return accuracy

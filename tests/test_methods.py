@@ -96,3 +96,18 @@ def test_source_training_is_cross_entropy_per_head():
     logits = model(images)
     expected = sum(torch.nn.functional.cross_entropy(logits[:, k], labels[:, k]) for k in range(2))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_non_finite_loss_stops_training():
+    from kamal_attr import KamalError
+    from kamal_attr.engine import train_one_epoch
+
+    class Broken(SourceTraining):
+        def forward_train(self, images, labels, index):
+            return {"ce": self.student(images).sum() * float("nan")}
+
+    model = AttributeResNet(["Bangs"], 4)
+    batches = [(torch.randn(2, 3, 32, 32), torch.zeros(2, 1, dtype=torch.long), torch.arange(2))]
+    with pytest.raises(KamalError, match="loss is nan at epoch 1 step 0"):
+        train_one_epoch(Broken(model), batches, torch.optim.SGD(model.parameters(), 0.1),
+                        torch.device("cpu"), epoch=1)
