@@ -179,8 +179,10 @@ def source_checkpoints(group: str, component: str, cfg: RunConfig) -> list[tuple
     missing = [(s, p) for s, p in found if not p.exists()]
     if missing:
         demo = " --demo" if cfg.demo else ""
+        where = (f" --sourcenets_root {cfg.sources_root} --data_root {cfg.data_root}"
+                 f" --image_size {cfg.image_size}")
         lines = [f"  {p}\n    make it with: python train_sourcenet.py{demo} --target_attribute "
-                 f"{s.component} --source_id {s.source_id} --epochs {cfg.source_save_epoch}"
+                 f"{s.component} --source_id {s.source_id} --epochs {cfg.source_save_epoch}{where}"
                  for s, p in missing]
         raise KamalError(f"{len(missing)} source net(s) of {component} missing "
                          f"(epoch {cfg.source_save_epoch}, --sorce_saveEpoch):\n" + "\n".join(lines))
