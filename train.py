@@ -16,7 +16,7 @@ import dataclasses
 
 from kamal_attr.attributes import GROUPS, check_group, source_nets_of
 from kamal_attr.cli import run
-from kamal_attr.config import SELECTIONS, add_common_args, resolve_config
+from kamal_attr.config import DEMO, REAL, SELECTIONS, add_common_args, resolve_config
 from kamal_attr.evaluation import report_group
 from kamal_attr.pipeline import (GroupData, ensure_data, setup_logging, train_component,
                                  train_source_net, train_target)
@@ -29,10 +29,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--target_attribute", default="hair", help="group: hair, eye or face (default hair)")
     g.add_argument("--stage", choices=["component", "target", "all"], default="all")
     g.add_argument("--sorce_saveEpoch", "--source_save_epoch", dest="source_save_epoch", type=int,
-                   help="epoch of the source-net checkpoints to use (40; demo 6)")
+                   help="epoch of the source-net checkpoints to use "
+                        f"({REAL.source_save_epoch}; demo {DEMO.source_save_epoch})")
     g.add_argument("--component_saveEpoch", "--component_save_epoch", dest="component_save_epoch",
-                   type=int, help="epochs of component training; that checkpoint feeds stage 2 (50; demo 5)")
-    g.add_argument("--target_epoch", type=int, help="epochs of target training (50; demo 5)")
+                   type=int, help="epochs of component training; that checkpoint feeds stage 2 "
+                        f"({REAL.component_epochs}; demo {DEMO.component_epochs})")
+    g.add_argument("--target_epoch", type=int, help="epochs of target training "
+                   f"({REAL.target_epochs}; demo {DEMO.target_epochs})")
     g.add_argument("--sourcedata_txtroot", help="routing lists, one per source net (default data/sources/)")
     g.add_argument("--componentnets_root", help="component nets (default snapshot/components/)")
     g.add_argument("--target_root", help="target nets (default snapshot/target/)")

@@ -9,7 +9,7 @@ import argparse
 
 from kamal_attr.attributes import CELEBA_ATTRIBUTES, SOURCE_NETS, SourceNetSpec, check_attribute, source_net, source_nets_of
 from kamal_attr.cli import run
-from kamal_attr.config import add_common_args, resolve_config
+from kamal_attr.config import DEMO, REAL, add_common_args, resolve_config
 from kamal_attr import KamalError
 from kamal_attr.pipeline import ensure_data, setup_logging, train_source_net
 
@@ -31,7 +31,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    "as 'k/P' (demo default: source id k uses part ((k-1) mod 3)+1 of 3)")
     add_common_args(p)
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, help="epochs (50; demo 6)")
+    g.add_argument("--epochs", type=int,
+                   help=f"epochs ({REAL.source_epochs}; demo {DEMO.source_epochs})")
     g.add_argument("--lr", type=float, help="learning rate (SGD 1e-4; demo Adam 1e-3)")
     g.add_argument("--optimizer", choices=["sgd", "adam"])
     g.add_argument("--schedule", choices=["step", "cosine"],
