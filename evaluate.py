@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kamal_attr.attributes import check_group
 from kamal_attr.cli import run
-from kamal_attr.config import SELECTIONS, add_common_args, resolve_config
+from kamal_attr.config import add_amalgamation_args, add_common_args, resolve_config
 from kamal_attr.evaluation import evaluate_checkpoint, report_group
 from kamal_attr.pipeline import ensure_data, setup_logging
 
@@ -24,15 +24,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", type=Path, help="instead: any one checkpoint of this project")
     g.add_argument("--split", choices=["train", "val", "test"], default="test")
     g.add_argument("--json", type=Path, help="also write the result as JSON here")
-    g.add_argument("--sorce_saveEpoch", "--source_save_epoch", dest="source_save_epoch", type=int)
-    g.add_argument("--component_saveEpoch", "--component_save_epoch", dest="component_save_epoch", type=int)
-    g.add_argument("--target_epoch", type=int)
-    g.add_argument("--sourcedata_txtroot", help=argparse.SUPPRESS)
-    g.add_argument("--componentnets_root")
-    g.add_argument("--target_root")
-    g.add_argument("--selection", choices=SELECTIONS, default="entropy",
-                   help="which amalgamation variant to evaluate")
-    g.add_argument("--no_feature_loss", action="store_true", help="evaluate the logits-only variant")
+    add_amalgamation_args(g)
     add_common_args(p)
     return p
 

@@ -16,7 +16,7 @@ import dataclasses
 
 from kamal_attr.attributes import GROUPS, check_group, source_nets_of
 from kamal_attr.cli import run
-from kamal_attr.config import DEMO, REAL, SELECTIONS, add_common_args, resolve_config
+from kamal_attr.config import add_amalgamation_args, add_common_args, resolve_config
 from kamal_attr.evaluation import report_group
 from kamal_attr.pipeline import (GroupData, ensure_data, setup_logging, train_component,
                                  train_source_net, train_target)
@@ -28,21 +28,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("amalgamation")
     g.add_argument("--target_attribute", default="hair", help="group: hair, eye or face (default hair)")
     g.add_argument("--stage", choices=["component", "target", "all"], default="all")
-    g.add_argument("--sorce_saveEpoch", "--source_save_epoch", dest="source_save_epoch", type=int,
-                   help="epoch of the source-net checkpoints to use "
-                        f"({REAL.source_save_epoch}; demo {DEMO.source_save_epoch})")
-    g.add_argument("--component_saveEpoch", "--component_save_epoch", dest="component_save_epoch",
-                   type=int, help="epochs of component training; that checkpoint feeds stage 2 "
-                        f"({REAL.component_epochs}; demo {DEMO.component_epochs})")
-    g.add_argument("--target_epoch", type=int, help="epochs of target training "
-                   f"({REAL.target_epochs}; demo {DEMO.target_epochs})")
-    g.add_argument("--sourcedata_txtroot", help="routing lists, one per source net (default data/sources/)")
-    g.add_argument("--componentnets_root", help="component nets (default snapshot/components/)")
-    g.add_argument("--target_root", help="target nets (default snapshot/target/)")
-    g.add_argument("--selection", choices=SELECTIONS, default="entropy",
-                   help="which teacher each image learns from: min entropy (paper), all averaged, "
-                        "or a fixed random one (ablations)")
-    g.add_argument("--no_feature_loss", action="store_true", help="logits only (ablation)")
+    add_amalgamation_args(g)
     g.add_argument("--lr", type=float, help="learning rate of nets and bridges (1e-4; demo 1e-3)")
     g.add_argument("--width", type=int, help="component net base width (64; demo 16)")
     g.add_argument("--target_width", type=int, help="target net base width (90; demo 24)")

@@ -125,6 +125,26 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="retrain nets whose final checkpoint exists (default: reuse them)")
 
 
+def add_amalgamation_args(g: argparse._ArgumentGroup) -> None:
+    """Flags that name which amalgamated nets to train or evaluate (``train.py``,
+    ``evaluate.py``): checkpoint epochs, output roots and the recipe variant."""
+    g.add_argument("--sorce_saveEpoch", "--source_save_epoch", dest="source_save_epoch", type=int,
+                   help="epoch of the source-net checkpoints to use "
+                        f"({REAL.source_save_epoch}; demo {DEMO.source_save_epoch})")
+    g.add_argument("--component_saveEpoch", "--component_save_epoch", dest="component_save_epoch",
+                   type=int, help="epochs of component training; that checkpoint feeds stage 2 "
+                        f"({REAL.component_epochs}; demo {DEMO.component_epochs})")
+    g.add_argument("--target_epoch", type=int, help="epochs of target training "
+                   f"({REAL.target_epochs}; demo {DEMO.target_epochs})")
+    g.add_argument("--sourcedata_txtroot", help="routing lists, one per source net (default data/sources/)")
+    g.add_argument("--componentnets_root", help="component nets (default snapshot/components/)")
+    g.add_argument("--target_root", help="target nets (default snapshot/target/)")
+    g.add_argument("--selection", choices=SELECTIONS, default="entropy",
+                   help="which teacher each image learns from: min entropy (paper), all averaged, "
+                        "or a fixed random one (ablations)")
+    g.add_argument("--no_feature_loss", action="store_true", help="logits only (ablation)")
+
+
 def _positive(name: str, value: int) -> int:
     if value < 1:
         raise KamalError(f"{name} must be at least 1, got {value}")
