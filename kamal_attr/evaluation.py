@@ -41,7 +41,7 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
     target_logits = None
     if target_path.exists():
         net, _ = load_net(target_path, kind="target", image_size=cfg.image_size)
-        target_logits, _ = predict(net.to(device), data, device, desc="target")
+        target_logits, _ = predict(net, data, device, desc="target")
     else:
         log.warning("no target net at %s", target_path)
     result: dict[str, Any] = {"group": group, "split": split, "variant": cfg.variant,
@@ -57,7 +57,7 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
                 row["sources"][str(spec.source_id)] = None
                 continue
             net, _ = load_net(path, kind="source", attribute=attribute, image_size=cfg.image_size)
-            out, _ = predict(net.to(device), data, device, desc=spec.name)
+            out, _ = predict(net, data, device, desc=spec.name)
             z = out[:, net.attributes.index(attribute)]
             h = entropy_impurity(z)
             right = z.argmax(-1) == labels[:, j]
@@ -81,7 +81,7 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
                           cfg.component_epochs)
         if path.exists():
             net, _ = load_net(path, kind="component", attribute=attribute, image_size=cfg.image_size)
-            out, _ = predict(net.to(device), data, device, desc=f"component {attribute}")
+            out, _ = predict(net, data, device, desc=f"component {attribute}")
             row["component"] = _accuracy(out[:, 0], labels[:, j])
         else:
             log.warning("no component net at %s", path)
@@ -152,7 +152,7 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, split: str = "test") -> dict
     device = torch.device(cfg.device)
     net, _ = load_net(path, image_size=cfg.image_size)
     data = loader(cfg, dataset(cfg, split, net.attributes), shuffle=False)
-    logits, labels = predict(net.to(device), data, device, desc=path.name)
+    logits, labels = predict(net, data, device, desc=path.name)
     accuracy = accuracy_per_head(logits, labels, net.attributes)
     positive = labels.float().mean(0)
     return {a: {"accuracy": accuracy[a], "majority": max(positive[k].item(), 1 - positive[k].item())}

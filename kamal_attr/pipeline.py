@@ -25,7 +25,7 @@ from .celeba import CelebA
 from .checkpoint import (atomic_save, component_dir, epoch_file, load_net, net_record,
                          source_dir, target_dir)
 from .config import RunConfig
-from .engine import build_optimizer, build_scheduler, fit, predict
+from .engine import build_optimizer, build_scheduler, fit, place, predict
 from .losses import entropy_impurity, route_by_entropy
 from .methods import Method, SelectiveAmalgamation, SourceTraining, TargetAmalgamation
 from .models import AttributeResNet, build_model
@@ -116,7 +116,7 @@ def _fit_and_save(method: Method, cfg: RunConfig, name: str, epochs: int, optim_
                   record: dict, val_columns: Sequence[int] | None = None) -> Path:
     """The part every stage shares: optimiser, scheduler, TensorBoard, per-epoch checkpoints."""
     device = torch.device(cfg.device)
-    method.to(device)
+    place(method, device)
     optimizer = build_optimizer(method.parameter_groups(optim_cfg.lr), optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, epochs)
     writer = _writer(run_dir, cfg, {"net": name, **{k: v for k, v in record.items()
@@ -141,11 +141,15 @@ def _fit_and_save(method: Method, cfg: RunConfig, name: str, epochs: int, optim_
     return final
 
 
-def source_part(cfg: RunConfig, spec: SourceNetSpec, part: tuple[int, int] | None) -> tuple[int, int] | None:
-    """The demo gives source net k its own part ((k - 1) mod P) + 1 of P."""
-    if part is None and cfg.train_parts:
-        return ((spec.source_id - 1) % cfg.train_parts + 1, cfg.train_parts)
-    return part
+def source_part(cfg: RunConfig, spec: SourceNetSpec,
+                part: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The training part of a source net: ``part`` if given; in the demo, the k-th of the S
+    source nets of an attribute trains on part k of S, so an attribute's teachers saw
+    disjoint data that together covers the training split (each photo style has an expert)."""
+    if part is not None or not cfg.split_train_among_sources or spec.label:
+        return part
+    peers = source_nets_of(spec.group, spec.component)
+    return (peers.index(spec) + 1, len(peers))
 
 
 def train_source_net(spec: SourceNetSpec, cfg: RunConfig,
@@ -207,7 +211,7 @@ def compute_routing(teachers: Sequence[AttributeResNet], component: str, data: C
     eval_loader = loader(cfg, data, shuffle=False)
     entropies = []
     for k, teacher in enumerate(teachers):
-        logits, _ = predict(teacher.to(device), eval_loader, device, desc=f"routing: teacher {k + 1}")
+        logits, _ = predict(teacher, eval_loader, device, desc=f"routing: teacher {k + 1}")
         entropies.append(entropy_impurity(logits[:, teacher.attributes.index(component)]))
     entropies = torch.stack(entropies, dim=1)
     n, s = entropies.shape

@@ -67,3 +67,18 @@ def test_random_init_warns_once_without_weights(tmp_path, caplog):
     caplog.clear()
     build_model(["Male"], 16, "none", tmp_path)
     assert not caplog.records
+
+
+def test_channels_last_placement_keeps_the_outputs():
+    from torch.utils.data import TensorDataset, DataLoader
+    from kamal_attr.engine import place, predict
+    torch.manual_seed(0)
+    net = AttributeResNet(["Bangs", "Male"], width=4).eval()
+    images = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        expected = net(images)
+    loader = DataLoader(TensorDataset(images, torch.zeros(6, 2), torch.arange(6)), batch_size=3)
+    logits, _ = predict(net, loader, torch.device("cpu"))
+    assert net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert place(net, torch.device("cpu")) is net
