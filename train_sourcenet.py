@@ -28,7 +28,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="instead: a net on these attributes ('all' = the 40), saved as --name")
     g.add_argument("--name", default="custom", help="folder name of an --attributes net")
     g.add_argument("--train_part", help="train on part k of P disjoint blocks of the train split, "
-                   "as 'k/P' (demo default: source id k uses part ((k-1) mod 3)+1 of 3)")
+                   "as 'k/P' (demo default: the k-th of an attribute's S source nets uses part k/S)")
     add_common_args(p)
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int,

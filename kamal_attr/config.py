@@ -36,7 +36,7 @@ class Preset:
     component_epochs: int
     target_epochs: int
     amalgamation_optim: OptimConfig
-    train_parts: int | None  # demo: source net k trains on part ((k-1) % P) + 1 of P
+    split_train_among_sources: bool  # demo: an attribute's S source nets train on parts 1..S of S
     subfolder: str
 
 
@@ -47,17 +47,17 @@ REAL = Preset(
     source_optim=OptimConfig("sgd", 1e-4, weight_decay=5e-4, schedule="step"),
     component_epochs=50, target_epochs=50,
     amalgamation_optim=OptimConfig("adam", 1e-4, schedule="step"),
-    train_parts=None, subfolder="")
+    split_train_among_sources=False, subfolder="")
 
 #: The CPU demo: synthetic data at 64 px, width-16 nets (target 24), short cosine schedules;
-#: each source net trains on its own, style-skewed third of the training split.
+#: the source nets of an attribute split the training split (style-skewed thirds) among them.
 DEMO = Preset(
     data_root="data/synthetic", image_size=64, width=16, target_width=24, batch_size=64,
     workers=0, cache_images=True, pretrained="none", source_epochs=4, source_save_epoch=4,
     source_optim=OptimConfig("adam", 1e-3, schedule="cosine"),
     component_epochs=4, target_epochs=6,
     amalgamation_optim=OptimConfig("adam", 1e-3, schedule="cosine"),
-    train_parts=3, subfolder="demo")
+    split_train_among_sources=True, subfolder="demo")
 
 
 @dataclass
@@ -86,7 +86,7 @@ class RunConfig:
     component_epochs: int
     target_epochs: int
     amalgamation_optim: OptimConfig
-    train_parts: int | None
+    split_train_among_sources: bool
     selection: str = "entropy"
     feature_loss: bool = True
     demo: bool = False
@@ -201,7 +201,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         component_epochs=_positive("--component_saveEpoch", get("component_save_epoch", preset.component_epochs)),
         target_epochs=_positive("--target_epoch", get("target_epoch", preset.target_epochs)),
         amalgamation_optim=amalgamation_optim,
-        train_parts=preset.train_parts,
+        split_train_among_sources=preset.split_train_among_sources,
         selection=get("selection", "entropy"),
         feature_loss=not getattr(args, "no_feature_loss", False),
         demo=args.demo,

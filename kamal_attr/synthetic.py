@@ -8,8 +8,9 @@ gray hair mostly old). Nuisances: position, scale, rotation, background, lightin
 and three *photo styles* (studio, dim, vintage) that hide different cues.
 
 The training split is ordered so that its k-th third is mostly style k: teachers trained on
-different parts (``--train_part k/3``) are experts on different styles, which is what makes
-adaptive (per-image) selection of teachers worthwhile. Val and test mix styles evenly.
+different contiguous parts (``--train_part k/P``) are experts on different styles, which is
+what makes adaptive (per-image) selection of teachers worthwhile. Val and test mix styles
+evenly.
 
 Besides the CelebA files it writes ``list_attr_celeba_clean.txt`` (the drawn truth, before
 label noise) and ``list_style_synthetic.txt`` (each image's style), so analyses can tell

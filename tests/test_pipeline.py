@@ -133,3 +133,17 @@ def test_evaluate_any_checkpoint(trained, tmp_path, capsys):
     assert list(result) == ["Blond_Hair", "Pale_Skin", "Receding_Hairline"]
     assert all(0.5 <= r["majority"] <= 1 and 0 <= r["accuracy"] <= 1 for r in result.values())
     assert "Receding_Hairline" in capsys.readouterr().out
+
+
+def test_demo_source_nets_of_an_attribute_split_the_training_split():
+    from kamal_attr.attributes import SourceNetSpec, source_net
+    from kamal_attr.config import resolve_config
+    from kamal_attr.pipeline import source_part
+    parser = train_sourcenet.get_args_parser()
+    demo = resolve_config(parser.parse_args(["--demo", "--device", "cpu"]))
+    assert [source_part(demo, source_net("Black_Hair", k), None) for k in (1, 2)] == [(1, 2), (2, 2)]
+    assert [source_part(demo, source_net("Brown_Hair", k), None) for k in (5, 6, 7)] == [(1, 3), (2, 3), (3, 3)]
+    assert source_part(demo, source_net("Brown_Hair", 7), (1, 1)) == (1, 1)  # --train_part wins
+    assert source_part(demo, SourceNetSpec("custom", 0, ("Male",), label="m"), None) is None
+    real = resolve_config(parser.parse_args(["--device", "cpu"]))
+    assert source_part(real, source_net("Black_Hair", 1), None) is None  # real data: the whole split
