@@ -103,6 +103,56 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
     return result
 
 
+#: METHOD.md's claim 3: the target stays "close to" its components; read as within 1 point.
+TARGET_TOLERANCE = 0.01
+
+
+def check_claims(result: dict[str, Any]) -> dict[str, Any]:
+    """The paper's claims 1-3 (METHOD.md) on :func:`evaluate_group`'s result.
+
+    Per attribute, differences in accuracy (fractions): ``component - best_source`` (claim 2:
+    >= 0), ``target - best_source`` (claim 3a: >= 0) and ``target - component`` (claim 3b:
+    >= -TARGET_TOLERANCE); claim 1 compares the mean entropy of correct and wrong teacher
+    predictions. A claim whose nets are missing is ``None``.
+    """
+    rows = result["attributes"]
+
+    def per_attribute(a: str, b: str, floor: float) -> dict[str, Any] | None:
+        if any(r[a] is None or r[b] is None for r in rows.values()):
+            return None
+        gaps = {name: r[a] - r[b] for name, r in rows.items()}
+        return {"gaps": gaps, "holds": sum(g >= floor - 1e-9 for g in gaps.values()),
+                "of": len(gaps)}
+
+    e = result.get("entropy", {})
+    entropy = (None if e.get("correct") is None or e.get("wrong") is None
+               else {"correct": e["correct"], "wrong": e["wrong"], "holds": e["correct"] < e["wrong"]})
+    return {"1_entropy_lower_when_correct": entropy,
+            "2_component_vs_best_source": per_attribute("component", "best_source", 0.0),
+            "3_target_vs_best_source": per_attribute("target", "best_source", 0.0),
+            "3_target_vs_component": per_attribute("target", "component", -TARGET_TOLERANCE)}
+
+
+def format_claims(claims: dict[str, Any]) -> str:
+    """One line per claim: how many attributes it holds for and the gaps in points."""
+    def line(title: str, c: dict[str, Any] | None) -> str:
+        if c is None:
+            return f"  {title}: not measured (nets missing)"
+        gaps = ", ".join(f"{k} {100 * v:+.2f}" for k, v in c["gaps"].items())
+        return f"  {title}: {c['holds']}/{c['of']} attributes ({gaps})"
+
+    e = claims["1_entropy_lower_when_correct"]
+    first = ("  1 entropy lower when a teacher is right: not measured" if e is None else
+             f"  1 entropy lower when a teacher is right: {'holds' if e['holds'] else 'FAILS'} "
+             f"({e['correct']:.3f} vs {e['wrong']:.3f} nats)")
+    return "\n".join([
+        "the paper's claims on this split (points):", first,
+        line("2 component >= best source net", claims["2_component_vs_best_source"]),
+        line("3 target >= best source net", claims["3_target_vs_best_source"]),
+        line(f"3 target within {100 * TARGET_TOLERANCE:.0f} point of its component",
+             claims["3_target_vs_component"])])
+
+
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}"
 
@@ -138,7 +188,9 @@ def report_group(group: str, cfg: RunConfig, split: str = "test",
     optionally write the JSON; what ``evaluate.py`` and the demo of ``train.py`` print."""
     with SummaryWriter(str(cfg.log_dir / "evaluate" / group / cfg.variant)) as writer:
         result = evaluate_group(group, cfg, split, writer)
+    result["claims"] = check_claims(result)
     print(format_table(result))
+    print(format_claims(result["claims"]))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2))

@@ -82,6 +82,23 @@ def test_evaluate_writes_json(trained, tmp_path):
         assert 0 <= row[key] <= 1 and 0 <= result["mean"][key] <= 1
     assert row["best_source"] == max(row["sources"].values())
     assert result["entropy"]["num_correct"] + result["entropy"]["num_wrong"] == 9 * 17
+    claim = result["claims"]["2_component_vs_best_source"]
+    assert claim["of"] == 4 and claim["gaps"]["Brown_Hair"] == row["component"] - row["best_source"]
+
+
+def test_claims_count_attributes_against_their_thresholds():
+    from kamal_attr.evaluation import check_claims, format_claims
+    row = lambda best, comp, target: {"best_source": best, "component": comp, "target": target}  # noqa: E731
+    result = {"attributes": {"A": row(0.90, 0.91, 0.905), "B": row(0.80, 0.79, 0.775)},
+              "entropy": {"correct": 0.2, "wrong": 0.4}}
+    claims = check_claims(result)
+    assert claims["1_entropy_lower_when_correct"]["holds"]
+    assert claims["2_component_vs_best_source"]["holds"] == 1  # B: -1 point
+    assert claims["3_target_vs_best_source"]["holds"] == 1
+    assert claims["3_target_vs_component"]["holds"] == 1  # A: -0.5 holds, B: -1.5 does not
+    assert "2 component >= best source net: 1/2 attributes (A +1.00, B -1.00)" in format_claims(claims)
+    result["attributes"]["B"]["target"] = None
+    assert check_claims(result)["3_target_vs_component"] is None
 
 
 def test_second_run_reuses_finished_nets(trained, caplog):
