@@ -22,8 +22,8 @@ from torch.utils.tensorboard import SummaryWriter
 from . import KamalError
 from .attributes import GROUPS, SourceNetSpec, source_nets_of
 from .celeba import CelebA
-from .checkpoint import (atomic_save, component_dir, epoch_file, load_net, net_record,
-                         source_dir, target_dir)
+from .checkpoint import (atomic_save, component_dir, epoch_file, load_checkpoint, load_net,
+                         net_record, source_dir, target_dir)
 from .config import RunConfig
 from .engine import build_optimizer, build_scheduler, fit, place, predict
 from .losses import entropy_impurity, route_by_entropy
@@ -157,10 +157,14 @@ def train_source_net(spec: SourceNetSpec, cfg: RunConfig,
     """Supervised training of one source net (a published teacher, here trained ourselves)."""
     out_dir = source_dir(cfg.sources_root, spec)
     final = epoch_file(out_dir, cfg.source_epochs)
+    part = source_part(cfg, spec, part)
     if final.exists() and not cfg.overwrite:
         log.info("%s/%s: %s exists, reusing it (--overwrite retrains)", spec.group, spec.name, final)
+        trained_on = load_checkpoint(final).get("train_part")
+        if trained_on != (list(part) if part else None):
+            log.warning("%s was trained on part %s of the training split, this run asks for %s; "
+                        "--overwrite retrains it", final, trained_on, list(part) if part else None)
         return final
-    part = source_part(cfg, spec, part)
     seed_everything(cfg.seed + 1000 * spec.source_id)
     train_data = dataset(cfg, "train", spec.attributes, train=True, part=part)
     val_data = dataset(cfg, "val", spec.attributes)

@@ -108,6 +108,18 @@ def test_second_run_reuses_finished_nets(trained, caplog):
     assert (root / "snapshot/target/hair/entropy/epoch_001.pth").stat().st_mtime_ns == before
 
 
+def test_reusing_a_source_net_trained_on_another_part_warns(trained, synthetic_root):
+    root, _ = trained
+    path = root / "snapshot/sources/hair/source1_Black_Hair/epoch_001.pth"
+    before = path.stat().st_mtime_ns
+    args = ["--target_attribute", "Black_Hair", "--source_id", "1", "--epochs", "1",
+            "--train_part", "1/2"] + common(root, synthetic_root)
+    train_sourcenet.main(train_sourcenet.get_args_parser().parse_args(args))
+    assert path.stat().st_mtime_ns == before
+    assert "trained on part None of the training split, this run asks for [1, 2]" in \
+        (root / "run/log.txt").read_text()
+
+
 def test_missing_source_names_file_and_command(tmp_path, synthetic_root):
     args = train.get_args_parser().parse_args(
         ["--target_attribute", "eye", "--stage", "component", "--sorce_saveEpoch", "3"]
