@@ -24,6 +24,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", type=Path, help="instead: any one checkpoint of this project")
     g.add_argument("--split", choices=["train", "val", "test"], default="test")
     g.add_argument("--json", type=Path, help="also write the result as JSON here")
+    g.add_argument("--by_style", action="store_true",
+                   help="synthetic data: also split the source nets' and the min-entropy "
+                        "choice's accuracy by photo style")
     add_amalgamation_args(g)
     add_common_args(p)
     return p
@@ -35,7 +38,7 @@ def main(args: argparse.Namespace) -> None:
     setup_logging(cfg.log_dir)
     ensure_data(cfg)
     if not args.checkpoint:
-        report_group(group, cfg, args.split, args.json)
+        report_group(group, cfg, args.split, args.json, args.by_style)
         return
     accuracy = evaluate_checkpoint(args.checkpoint, cfg, args.split)
     width = max(len(a) for a in accuracy)

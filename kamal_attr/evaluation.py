@@ -11,12 +11,14 @@ from typing import Any
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from . import KamalError
 from .attributes import GROUPS, source_nets_of
 from .checkpoint import component_dir, epoch_file, load_net, source_dir, target_dir
 from .config import RunConfig
 from .engine import accuracy_per_head, predict
 from .losses import entropy_impurity, route_by_entropy
 from .pipeline import dataset, loader
+from .synthetic import STYLE_LIST, STYLES, read_styles
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +27,28 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(-1) == labels).float().mean().item()
 
 
+def _by_style(styles: list[str], ids: list[str], logits: torch.Tensor, entropies: torch.Tensor,
+              pick: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """Per photo style: each source net's accuracy and mean entropy, the min-entropy
+    choice's accuracy and the share of images it routes to each source net."""
+    right = logits.argmax(-1) == labels[:, None]  # (N, S)
+    out = {}
+    for style in sorted(set(styles), key=lambda st: (STYLES + (st,)).index(st)):
+        m = torch.tensor([s == style for s in styles])
+        out[style] = {"sources": {i: {"accuracy": right[m, k].float().mean().item(),
+                                      "entropy": entropies[m, k].mean().item()}
+                                  for k, i in enumerate(ids)},
+                      "min_entropy": right[m].gather(1, pick[m, None]).float().mean().item(),
+                      "routed": {i: (pick[m] == k).float().mean().item() for k, i in enumerate(ids)}}
+    return out
+
+
 def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
-                   writer: SummaryWriter | None = None) -> dict[str, Any]:
+                   writer: SummaryWriter | None = None, by_style: bool = False) -> dict[str, Any]:
     """Per attribute of ``group``: every source net's accuracy, the best of them, the
     min-entropy choice among them (per image, no labels), the component and the target net.
+    ``by_style`` adds, per photo style of the synthetic data, what the source nets and the
+    min-entropy choice get right (the reason selection helps, or not).
 
     Nets whose checkpoint is absent are reported as ``None`` (and logged), never replaced.
     """
@@ -36,6 +56,13 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
     device = torch.device(cfg.device)
     test_data = dataset(cfg, split, attributes)
     labels = test_data.labels  # the loader does not shuffle: row n is image n
+    styles = None
+    if by_style:
+        style_of = read_styles(cfg.data_root)
+        if style_of is None:
+            raise KamalError(f"--by_style needs the synthetic data's {STYLE_LIST} in "
+                             f"{cfg.data_root}; real CelebA has no photo styles")
+        styles = [style_of.get(f.name, "?") for f in test_data.files]
     data = loader(cfg, test_data, shuffle=False)
     target_path = epoch_file(target_dir(cfg.target_root, group, cfg.variant), cfg.target_epochs)
     target_logits = None
@@ -49,7 +76,7 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
     correct_h, wrong_h = [], []
     for j, attribute in enumerate(attributes):
         row: dict[str, Any] = {"sources": {}}
-        logits, entropies = [], []
+        ids, logits, entropies = [], [], []
         for spec in source_nets_of(group, attribute):
             path = epoch_file(source_dir(cfg.sources_root, spec), cfg.source_save_epoch)
             if not path.exists():
@@ -67,6 +94,7 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
                 writer.add_histogram(f"entropy/{attribute}/{spec.name}/correct", h[right], 0)
                 writer.add_histogram(f"entropy/{attribute}/{spec.name}/wrong", h[~right], 0)
             row["sources"][str(spec.source_id)] = _accuracy(z, labels[:, j])
+            ids.append(str(spec.source_id))
             logits.append(z)
             entropies.append(h)
         accs = [a for a in row["sources"].values() if a is not None]
@@ -75,6 +103,9 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
             pick = route_by_entropy(torch.stack(entropies, 1))
             chosen = torch.stack(logits, 1)[torch.arange(len(pick)), pick]
             row["min_entropy"] = _accuracy(chosen, labels[:, j])
+            if styles is not None:
+                row["by_style"] = _by_style(styles, ids, torch.stack(logits, 1),
+                                            torch.stack(entropies, 1), pick, labels[:, j])
         else:
             row["min_entropy"] = None
         path = epoch_file(component_dir(cfg.components_root, group, cfg.variant, attribute),
@@ -182,15 +213,41 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def format_by_style(result: dict[str, Any]) -> str:
+    """Per attribute, one row per source net (accuracy % / mean entropy per style) and one for
+    the min-entropy choice (accuracy % and the share routed to each source net)."""
+    out = []
+    for attribute, r in result["attributes"].items():
+        table = r.get("by_style")
+        if not table:
+            continue
+        styles = list(table)
+        rows = [[f"source {i}"] + [f"{100 * table[st]['sources'][i]['accuracy']:.1f} / "
+                                   f"{table[st]['sources'][i]['entropy']:.2f}" for st in styles]
+                for i in r["sources"] if r["sources"][i] is not None]
+        rows.append(["min-H"] + [f"{100 * table[st]['min_entropy']:.1f} (" + " ".join(
+            f"{i}:{100 * v:.0f}%" for i, v in table[st]["routed"].items()) + ")" for st in styles])
+        header = [f"{attribute}"] + styles
+        widths = [max(len(row[k]) for row in [header] + rows) for k in range(len(header))]
+        out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+        out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    if out:
+        out.insert(0, "by photo style: source nets' accuracy % / mean entropy (nats); "
+                      "min-H: accuracy % (share routed to each source net)")
+    return "\n".join(out)
+
+
 def report_group(group: str, cfg: RunConfig, split: str = "test",
-                 json_path: Path | None = None) -> dict[str, Any]:
+                 json_path: Path | None = None, by_style: bool = False) -> dict[str, Any]:
     """Evaluate ``group`` (histograms to ``log_dir/evaluate/...``), print the table and
     optionally write the JSON; what ``evaluate.py`` and the demo of ``train.py`` print."""
     with SummaryWriter(str(cfg.log_dir / "evaluate" / group / cfg.variant)) as writer:
-        result = evaluate_group(group, cfg, split, writer)
+        result = evaluate_group(group, cfg, split, writer, by_style)
     result["claims"] = check_claims(result)
     print(format_table(result))
     print(format_claims(result["claims"]))
+    if by_style:
+        print(format_by_style(result))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2))

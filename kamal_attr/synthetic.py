@@ -35,6 +35,8 @@ from .attributes import CELEBA_ATTRIBUTES
 
 WIDTH, HEIGHT = 178, 218
 STYLES = ("studio", "dim", "vintage")
+#: Each image's photo style, beside the CelebA lists (not part of the CelebA format).
+STYLE_LIST = "list_style_synthetic.txt"
 #: Share of the training split drawn in the block's own style (the rest split evenly).
 STYLE_SKEW = 0.97
 #: Label-flip rates: subjective attributes are noisier in CelebA, too.
@@ -427,7 +429,7 @@ def generate(out: str | Path, num_images: int = 8000, seed: int = 0,
     partition = [0] * n_train + [1] * n_val + [2] * n_test
     (tmp / "list_eval_partition.txt").write_text(
         "".join(f"{n} {p}\n" for n, p in zip(names, partition)))
-    (tmp / "list_style_synthetic.txt").write_text(
+    (tmp / STYLE_LIST).write_text(
         "".join(f"{n} {STYLES[s]}\n" for n, s in zip(names, styles)))
     if out.exists():
         shutil.rmtree(out)
@@ -438,6 +440,15 @@ def generate(out: str | Path, num_images: int = 8000, seed: int = 0,
 def is_complete(root: str | Path) -> bool:
     root = Path(root)
     return (root / "list_attr_celeba.txt").exists() and (root / "list_eval_partition.txt").exists()
+
+
+def read_styles(root: str | Path) -> dict[str, str] | None:
+    """File name -> photo style of a synthetic dataset; ``None`` where there is no style list
+    (real CelebA)."""
+    path = Path(root) / STYLE_LIST
+    if not path.is_file():
+        return None
+    return dict(line.split() for line in path.read_text().splitlines() if line.strip())
 
 
 def main(argv: list[str] | None = None) -> None:

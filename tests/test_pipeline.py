@@ -86,6 +86,26 @@ def test_evaluate_writes_json(trained, tmp_path):
     assert claim["of"] == 4 and claim["gaps"]["Brown_Hair"] == row["component"] - row["best_source"]
 
 
+def test_evaluate_by_style_splits_sources_and_routing(trained, tmp_path, synthetic_root):
+    from kamal_attr.synthetic import STYLES, STYLE_LIST
+    root, amalgamate = trained
+    out = tmp_path / "hair.json"
+    evaluate.main(evaluate.get_args_parser().parse_args(amalgamate + ["--json", str(out), "--by_style"]))
+    table = json.loads(out.read_text())["attributes"]["Brown_Hair"]["by_style"]
+    assert set(table) <= set(STYLES)
+    for style in table.values():
+        assert set(style["sources"]) == {"5", "6", "7"}
+        assert abs(sum(style["routed"].values()) - 1) < 1e-6 and 0 <= style["min_entropy"] <= 1
+    without = tmp_path / "without_styles"  # the same dataset, less its style list
+    without.mkdir()
+    for f in synthetic_root.iterdir():
+        if f.name != STYLE_LIST:
+            (without / f.name).symlink_to(f)
+    args = [str(without) if a == str(synthetic_root) else a for a in amalgamate]
+    with pytest.raises(KamalError, match=STYLE_LIST):
+        evaluate.main(evaluate.get_args_parser().parse_args(args + ["--by_style"]))
+
+
 def test_claims_count_attributes_against_their_thresholds():
     from kamal_attr.evaluation import check_claims, format_claims
     row = lambda best, comp, target: {"best_source": best, "component": comp, "target": target}  # noqa: E731
