@@ -34,12 +34,12 @@ def _by_style(styles: list[str], ids: list[str], logits: torch.Tensor, entropies
     right = logits.argmax(-1) == labels[:, None]  # (N, S)
     out = {}
     for style in sorted(set(styles), key=lambda st: (STYLES + (st,)).index(st)):
-        m = torch.tensor([s == style for s in styles])
-        out[style] = {"sources": {i: {"accuracy": right[m, k].float().mean().item(),
-                                      "entropy": entropies[m, k].mean().item()}
+        mask = torch.tensor([s == style for s in styles])
+        out[style] = {"sources": {i: {"accuracy": right[mask, k].float().mean().item(),
+                                      "entropy": entropies[mask, k].mean().item()}
                                   for k, i in enumerate(ids)},
-                      "min_entropy": right[m].gather(1, pick[m, None]).float().mean().item(),
-                      "routed": {i: (pick[m] == k).float().mean().item() for k, i in enumerate(ids)}}
+                      "min_entropy": right[mask].gather(1, pick[mask, None]).float().mean().item(),
+                      "routed": {i: (pick[mask] == k).float().mean().item() for k, i in enumerate(ids)}}
     return out
 
 
