@@ -229,8 +229,7 @@ def format_by_style(result: dict[str, Any]) -> str:
             f"{i}:{100 * v:.0f}%" for i, v in table[st]["routed"].items()) + ")" for st in styles])
         header = [f"{attribute}"] + styles
         widths = [max(len(row[k]) for row in [header] + rows) for k in range(len(header))]
-        out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-        out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+        out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header] + rows]
     if out:
         out.insert(0, "by photo style: source nets' accuracy % / mean entropy (nats); "
                       "min-H: accuracy % (share routed to each source net)")
