@@ -1,6 +1,6 @@
 """Adaptive knowledge amalgamation: source nets -> component nets -> target net.
 
-    python train.py --target_attribute hair --demo      # the whole CPU demo, ~13 min on 2 cores
+    python train.py --target_attribute hair --demo      # the whole CPU demo, ~12 min on 2 cores
     python train.py --target_attribute eye --stage component
 
 Stage 1 (component) routes every training image to its least-ambiguous source net
