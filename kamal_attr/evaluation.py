@@ -100,12 +100,12 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
         accs = [a for a in row["sources"].values() if a is not None]
         row["best_source"] = max(accs) if accs else None
         if logits:
-            pick = route_by_entropy(torch.stack(entropies, 1))
-            chosen = torch.stack(logits, 1)[torch.arange(len(pick)), pick]
+            logits, entropies = torch.stack(logits, 1), torch.stack(entropies, 1)
+            pick = route_by_entropy(entropies)
+            chosen = logits[torch.arange(len(pick)), pick]
             row["min_entropy"] = _accuracy(chosen, labels[:, j])
             if styles is not None:
-                row["by_style"] = _by_style(styles, ids, torch.stack(logits, 1),
-                                            torch.stack(entropies, 1), pick, labels[:, j])
+                row["by_style"] = _by_style(styles, ids, logits, entropies, pick, labels[:, j])
         else:
             row["min_entropy"] = None
         path = epoch_file(component_dir(cfg.components_root, group, cfg.variant, attribute),
@@ -227,7 +227,7 @@ def format_by_style(result: dict[str, Any]) -> str:
                 for i in r["sources"] if r["sources"][i] is not None]
         rows.append(["min-H"] + [f"{100 * table[st]['min_entropy']:.1f} (" + " ".join(
             f"{i}:{100 * v:.0f}%" for i, v in table[st]["routed"].items()) + ")" for st in styles])
-        header = [f"{attribute}"] + styles
+        header = [attribute] + styles
         widths = [max(len(row[k]) for row in [header] + rows) for k in range(len(header))]
         out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header] + rows]
     if out:

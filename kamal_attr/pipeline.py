@@ -158,12 +158,13 @@ def train_source_net(spec: SourceNetSpec, cfg: RunConfig,
     out_dir = source_dir(cfg.sources_root, spec)
     final = epoch_file(out_dir, cfg.source_epochs)
     part = source_part(cfg, spec, part)
+    part_record = list(part) if part else None  # as checkpoints store it
     if final.exists() and not cfg.overwrite:
         log.info("%s/%s: %s exists, reusing it (--overwrite retrains)", spec.group, spec.name, final)
         trained_on = load_checkpoint(final).get("train_part")
-        if trained_on != (list(part) if part else None):
+        if trained_on != part_record:
             log.warning("%s was trained on part %s of the training split, this run asks for %s; "
-                        "--overwrite retrains it", final, trained_on, list(part) if part else None)
+                        "--overwrite retrains it", final, trained_on, part_record)
         return final
     seed_everything(cfg.seed + 1000 * spec.source_id)
     train_data = dataset(cfg, "train", spec.attributes, train=True, part=part)
@@ -173,7 +174,7 @@ def train_source_net(spec: SourceNetSpec, cfg: RunConfig,
              ", ".join(spec.attributes), len(train_data),
              f" (part {part[0]}/{part[1]})" if part else "", init)
     record = {"kind": "source", "group": spec.group, "source_id": spec.source_id,
-              "train_part": list(part) if part else None, "init": init}
+              "train_part": part_record, "init": init}
     return _fit_and_save(SourceTraining(model), cfg, f"{spec.group}/{spec.name}",
                          cfg.source_epochs, cfg.source_optim, train_data, val_data, out_dir,
                          cfg.log_dir / "sources" / spec.group / spec.name, record)
