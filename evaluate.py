@@ -10,14 +10,14 @@ import json
 from pathlib import Path
 
 from kamal_attr.attributes import check_group
-from kamal_attr.cli import run
+from kamal_attr.cli import ArgumentParser, run
 from kamal_attr.config import add_amalgamation_args, add_common_args, resolve_config
 from kamal_attr.evaluation import evaluate_checkpoint, report_group
-from kamal_attr.pipeline import ensure_data, setup_logging
+from kamal_attr.runtime import demo_data_needed, ensure_data, setup_logging
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+    p = ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--target_attribute", default="hair", help="group: hair, eye or face")
@@ -35,6 +35,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     group = check_group(args.target_attribute)
     cfg = resolve_config(args)
+    demo_data_needed(cfg)
     setup_logging(cfg.log_dir)
     ensure_data(cfg)
     if not args.checkpoint:

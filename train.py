@@ -15,23 +15,25 @@ import argparse
 import dataclasses
 
 from kamal_attr.attributes import GROUPS, check_group, source_nets_of
-from kamal_attr.cli import run
-from kamal_attr.config import add_amalgamation_args, add_common_args, resolve_config
+from kamal_attr.cli import ArgumentParser, run
+from kamal_attr.config import (DEMO, WIDTH, add_amalgamation_args, add_common_args,
+                               learning_rate, resolve_config)
 from kamal_attr.evaluation import report_group
-from kamal_attr.pipeline import (GroupData, ensure_data, setup_logging, train_component,
-                                 train_source_net, train_target)
+from kamal_attr.runtime import demo_data_needed, ensure_data, setup_logging
+from kamal_attr.stages import GroupData, train_component, train_source_net, train_target
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+    p = ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("amalgamation")
     g.add_argument("--target_attribute", default="hair", help="group: hair, eye or face (default hair)")
     g.add_argument("--stage", choices=["component", "target", "all"], default="all")
     add_amalgamation_args(g)
-    g.add_argument("--lr", type=float, help="learning rate of nets and bridges (1e-4; demo 1e-3)")
-    g.add_argument("--width", type=int, help="component net base width (64; demo 16)")
-    g.add_argument("--target_width", type=int, help="target net base width (90; demo 24)")
+    g.add_argument("--lr", type=learning_rate,
+                   help="learning rate of nets and bridges, in (0, 1] (1e-4; demo 1e-3)")
+    g.add_argument("--width", type=WIDTH, help="component net base width (64; demo 16)")
+    g.add_argument("--target_width", type=WIDTH, help="target net base width (90; demo 24)")
     add_common_args(p)
     return p
 
@@ -39,10 +41,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     group = check_group(args.target_attribute)
     cfg = resolve_config(args)
+    demo_data_needed(cfg)  # refuses a folder it must not write to, before anything is written
     setup_logging(cfg.log_dir)
     ensure_data(cfg)
     if cfg.demo:  # the one-command demo: make whatever teachers are missing
-        demo_sources = dataclasses.replace(cfg, source_epochs=cfg.source_save_epoch, overwrite=False)
+        # The teachers stand in for published nets: the demo's own width and epochs, whatever
+        # the student's --width (and up to --sorce_saveEpoch if that is later).
+        demo_sources = dataclasses.replace(
+            cfg, width=DEMO.width, source_epochs=max(cfg.source_epochs, cfg.source_save_epoch),
+            overwrite=False)
         for spec in source_nets_of(group):
             train_source_net(spec, demo_sources)
     data = GroupData(group, cfg)  # decoded once, shared by the components and the target

@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import argparse
 
-from kamal_attr.attributes import CELEBA_ATTRIBUTES, SOURCE_NETS, SourceNetSpec, check_attribute, source_net, source_nets_of
-from kamal_attr.cli import run
-from kamal_attr.config import DEMO, REAL, add_common_args, resolve_config
 from kamal_attr import KamalError
-from kamal_attr.pipeline import ensure_data, setup_logging, train_source_net
+from kamal_attr.attributes import (CELEBA_ATTRIBUTES, SOURCE_NETS, SourceNetSpec, check_attribute,
+                                   source_net, source_nets_of)
+from kamal_attr.cli import ArgumentParser, run
+from kamal_attr.config import (DEMO, POSITIVE, REAL, WIDTH, add_common_args, learning_rate,
+                               resolve_config)
+from kamal_attr.models import describe_init
+from kamal_attr.runtime import demo_data_needed, ensure_data, setup_logging
+from kamal_attr.stages import train_source_net
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+    p = ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("which source net")
     g.add_argument("--target_attribute", default="Black_Hair",
                    help="component attribute the source net serves (default Black_Hair)")
-    g.add_argument("--source_id", type=int, default=1, help="source id within its group (default 1)")
+    g.add_argument("--source_id", type=POSITIVE, default=1, help="source id within its group (default 1)")
     g.add_argument("--all", action="store_true",
                    help="train every source net of --group (of all groups without --group)")
     g.add_argument("--group", choices=["hair", "eye", "face"], help="with --all")
@@ -31,13 +35,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    "as 'k/P' (demo default: the k-th of an attribute's S source nets uses part k/S)")
     add_common_args(p)
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int,
+    g.add_argument("--epochs", type=POSITIVE,
                    help=f"epochs ({REAL.source_epochs}; demo {DEMO.source_epochs})")
-    g.add_argument("--lr", type=float, help="learning rate (SGD 1e-4; demo Adam 1e-3)")
+    g.add_argument("--lr", type=learning_rate, help="learning rate, in (0, 1] (SGD 1e-4; demo Adam 1e-3)")
     g.add_argument("--optimizer", choices=["sgd", "adam"])
     g.add_argument("--schedule", choices=["step", "cosine"],
                    help="per-epoch schedule: x0.5 at 5,10,...,25 (step) or cosine (demo)")
-    g.add_argument("--width", type=int, help="ResNet-18 base width (64; demo 16)")
+    g.add_argument("--width", type=WIDTH, help="ResNet-18 base width (64; demo 16)")
     g.add_argument("--pretrained", help="ImageNet init: auto (weights/resnet/*.pth if present), "
                    "none, or a .pth path (default auto; demo none)")
     return p
@@ -66,6 +70,8 @@ def main(args: argparse.Namespace) -> None:
         specs = list(source_nets_of(args.group) if args.group else SOURCE_NETS)
     else:
         specs = [source_net(check_attribute(args.target_attribute), args.source_id)]
+    describe_init(cfg.pretrained, cfg.width, cfg.weights_dir)  # missing weights: stop now
+    demo_data_needed(cfg)
     setup_logging(cfg.log_dir)
     ensure_data(cfg)
     for spec in specs:

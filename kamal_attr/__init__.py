@@ -4,7 +4,8 @@ Package layout, in the order data flows:
 ``attributes`` (registry) -> ``celeba`` / ``synthetic`` (data) -> ``models`` (ResNet-18,
 feature taps) -> ``losses`` (entropy, bridges, penalty) -> ``methods`` (one module per
 stage with ``forward_train``) -> ``engine`` (the one training loop) -> ``checkpoint``
-(files) -> ``config`` (presets, flags) -> ``pipeline`` (the stages the scripts call) and
+(files, recipes, resume) -> ``config`` (presets, flags) -> ``runtime`` (logging, seeds,
+loaders, the demo data) -> ``routing`` -> ``stages`` (what the scripts call) and
 ``evaluation``; ``cli`` turns user errors into one line.
 """
 

@@ -10,7 +10,7 @@ Labels 1/-1 become 1/0 in :func:`read_attribute_list`, the one place that parses
 from __future__ import annotations
 
 import copy
-
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -188,19 +188,53 @@ def eval_resize(image_size: int) -> int:
     return round(image_size * 256 / 224)
 
 
-def build_transform(image_size: int, train: bool) -> Callable:
-    """The paper's transforms at ``image_size``.
+def eval_geometry(image_size: int) -> Callable:
+    """The paper's eval view at ``image_size``: ``Resize(S * 256/224)`` + ``CenterCrop(S)``."""
+    return transforms.Compose([transforms.Resize(eval_resize(image_size)),
+                               transforms.CenterCrop(image_size)])
 
-    train: ``RandomResizedCrop(S, scale=(0.81, 1))`` + horizontal flip;
-    eval: ``Resize(S * 256/224)`` + ``CenterCrop(S)``; both normalised with ImageNet mean/std.
+
+#: Normalisation of every net's input (ImageNet mean/std, as the paper's ResNet-18s).
+TO_TENSOR = transforms.Compose([transforms.ToTensor(),
+                                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class TrainAugment:
+    """The paper's training view: ``RandomResizedCrop(S, scale=(0.81, 1), ratio=(3/4, 4/3))``
+    and a horizontal flip, drawn from an explicit ``numpy`` generator.
+
+    Why not torchvision's transforms: they draw from the global torch RNG, so the crops of
+    an epoch would depend on everything that ran before it. Drawing them from a generator
+    seeded by ``(seed, epoch, index)`` makes each epoch a pure function of the seed: a run
+    resumed at epoch e sees the same crops as an uninterrupted one, and any number of
+    loader workers (or processes) draws the same crop for the same image.
     """
-    if train:
-        geometry = [transforms.RandomResizedCrop(image_size, scale=(0.81, 1.0)),
-                    transforms.RandomHorizontalFlip()]
-    else:
-        geometry = [transforms.Resize(eval_resize(image_size)), transforms.CenterCrop(image_size)]
-    return transforms.Compose(geometry + [transforms.ToTensor(),
-                                          transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def __init__(self, image_size: int, scale: tuple[float, float] = (0.81, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        self.image_size = image_size
+        self.scale = scale
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+
+    def crop_box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """``(top, left, height, width)`` of a crop of ``scale`` of the area and an aspect
+        ratio log-uniform in ``ratio`` (10 tries, then the central crop, as torchvision)."""
+        area = width * height
+        for _ in range(10):
+            u = rng.random(4)
+            target = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[0])
+            aspect = math.exp(self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * u[1])
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                return int(u[2] * (height - h + 1)), int(u[3] * (width - w + 1)), h, w
+        side = min(width, height)
+        return (height - side) // 2, (width - side) // 2, side, side
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
+        top, left, h, w = self.crop_box(image.width, image.height, rng)
+        image = transforms.functional.resized_crop(image, top, left, h, w,
+                                                   [self.image_size, self.image_size])
+        return transforms.functional.hflip(image) if rng.random() < 0.5 else image
 
 
 def load_image(path: Path) -> Image.Image:
@@ -216,6 +250,9 @@ def load_image(path: Path) -> Image.Image:
 
 class CelebA(Dataset):
     """One split of CelebA: ``(image, labels, index)`` with labels for ``attributes``.
+
+    ``train=True`` gives the augmented view, drawn per image from ``(seed, epoch, index)``
+    (:class:`TrainAugment`; the training loop calls :meth:`set_epoch`), else the eval view.
 
     ``index`` is the position inside this split (and ``part``), so a method can look up
     per-image data such as the entropy routing. ``part=(k, P)`` keeps the k-th of P disjoint
@@ -253,7 +290,10 @@ class CelebA(Dataset):
         columns = [CELEBA_ATTRIBUTES.index(a) for a in self.attributes]
         self.labels = torch.from_numpy(labels[keep][:, columns].astype(np.int64))
         self.image_size = image_size
-        self.transform = build_transform(image_size, train)
+        self.train = train
+        self.augment = TrainAugment(image_size)
+        self.eval_view = eval_geometry(image_size)
+        self.seed, self.epoch = 0, 0
         self.cached: list[Image.Image] | None = None
         if cache:
             size = eval_resize(image_size)
@@ -262,14 +302,22 @@ class CelebA(Dataset):
                                          leave=False, disable=None)]
 
     def view(self, train: bool) -> "CelebA":
-        """The same images (and cache) with the train or eval transform."""
+        """The same images (and cache) with the train or eval view."""
         other = copy.copy(self)
-        other.transform = build_transform(self.image_size, train)
+        other.train = train
         return other
+
+    def set_epoch(self, epoch: int, seed: int) -> None:
+        """Draw the augmentation of image ``i`` from ``(seed, epoch, i)`` from now on."""
+        self.seed, self.epoch = seed, epoch
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         image = self.cached[index] if self.cached is not None else load_image(self.files[index])
-        return self.transform(image), self.labels[index], index
+        if self.train:
+            image = self.augment(image, np.random.default_rng((self.seed, self.epoch, index)))
+        else:
+            image = self.eval_view(image)
+        return TO_TENSOR(image), self.labels[index], index

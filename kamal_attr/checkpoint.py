@@ -11,13 +11,24 @@ Layout under the roots (``{root}/{group}/...``)::
     components: {componentnets_root}/hair/entropy/Black_Hair/epoch_050.pth
     target:     {target_root}/hair/entropy/epoch_050.pth
     resume:     last.pth beside the epoch files (adds optimizer and scheduler state)
+
+Every file also carries the net's *recipe* (whatever decides its weights: stage, attributes,
+architecture, width, input size, data, seed, optimiser, schedule, epochs, and the weight
+digests of the nets it learnt from), its ``fingerprint`` (a hash of the recipe) and the
+``digest`` of its own weights. One comparison of recipes serves reuse (a finished net whose
+fingerprint matches), resume (``last.pth`` of the same fingerprint) and staleness (a
+different fingerprint, e.g. because a teacher was retrained: its digest changed).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -26,12 +37,19 @@ from .attributes import SourceNetSpec
 from .celeba import IMAGENET_MEAN, IMAGENET_STD
 from .models import AttributeResNet
 
+log = logging.getLogger(__name__)
+
 FORMAT = "kamal_attr/1"
 KINDS = ("source", "component", "target")
 
 
 def epoch_file(folder: Path, epoch: int) -> Path:
     return folder / f"epoch_{epoch:03d}.pth"
+
+
+def available_epochs(folder: Path) -> list[int]:
+    """The epochs of the ``epoch_NNN.pth`` files in ``folder``, ascending."""
+    return sorted(int(p.stem[6:]) for p in folder.glob("epoch_*.pth") if p.stem[6:].isdigit())
 
 
 def source_dir(root: str | Path, spec: SourceNetSpec) -> Path:
@@ -61,15 +79,114 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.remove(tmp)
 
 
+def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (16 hex digits) of a state dict's names, dtypes, shapes and values.
+
+    Independent of memory layout (channels-last or not): it names the weights, not the file.
+    """
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(recipe: Mapping[str, Any]) -> str:
+    """SHA-256 (16 hex digits) of a recipe's canonical JSON."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def recipe_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``'key: old -> new'`` for every entry that differs (nested dicts key by key)."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "(none)"), new.get(key, "(none)")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += recipe_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a} -> {b}")
+    return out
+
+
 def net_record(kind: str, model: AttributeResNet, image_size: int, epoch: int,
-               **extra: Any) -> dict[str, Any]:
-    """The checkpoint dict of one net: its weights and what they are."""
+               recipe: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """The checkpoint dict of one net: its weights, what they are and what made them."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    provenance = {} if recipe is None else {"recipe": dict(recipe), "fingerprint": fingerprint(recipe)}
     return {"format": FORMAT, "kind": kind, "arch": "resnet18", "width": model.width,
             "attributes": list(model.attributes), "image_size": image_size,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "epoch": epoch,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
+            "model": state, "digest": weights_digest(state), **provenance, **extra}
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What to do for one net: reuse ``final`` (``done``), or train from ``start_epoch``,
+    with ``resume`` the ``last.pth`` record to continue from (``None``: from scratch)."""
+
+    out_dir: Path
+    final: Path
+    done: bool
+    start_epoch: int = 1
+    resume: dict[str, Any] | None = None
+
+
+def _stale(name: str, path: Path, old: Mapping[str, Any], new: Mapping[str, Any],
+           retrain: str) -> KamalError:
+    differs = "; ".join(recipe_diff(old, new)) or "no recipe recorded (an older checkpoint)"
+    return KamalError(f"{name}: {path} was made by another recipe (checkpoint -> this run: "
+                      f"{differs}); rerun with "
+                      f"{retrain} --overwrite to retrain it, or pass another --save_root")
+
+
+def _remove_killed_writes(out_dir: Path) -> None:
+    """Temporary files of :func:`atomic_save` (``<name>.pth<random>.tmp``) left by a kill."""
+    for path in out_dir.glob("*.pth*.tmp"):
+        path.unlink(missing_ok=True)
+
+
+def clear_net(out_dir: Path) -> None:
+    """Remove this project's files of one net (``--overwrite`` starts over): epoch files and
+    ``last.pth`` that load as this project's checkpoints, and temporary files of killed
+    writes. Anything else there is refused, never deleted."""
+    _remove_killed_writes(out_dir)
+    for path in sorted(out_dir.glob("epoch_*.pth")) + [out_dir / "last.pth"]:
+        if path.exists():
+            load_checkpoint(path)  # raises unless it is ours
+            path.unlink()
+
+
+def plan_training(out_dir: Path, epochs: int, recipe: Mapping[str, Any], overwrite: bool,
+                  name: str, retrain: str) -> TrainingPlan:
+    """Decide from the net's folder whether to reuse, resume or (re)start it.
+
+    ``last.pth`` (written after every epoch) is the authority: the same fingerprint and
+    ``epoch < epochs`` resumes from it; a finished net is reused only when its fingerprint
+    matches; any other fingerprint stops with what differs (``retrain`` names the command
+    that would retrain it). ``overwrite`` starts over, removing the net's old files.
+    """
+    final = epoch_file(out_dir, epochs)
+    if overwrite:
+        clear_net(out_dir)
+        return TrainingPlan(out_dir, final, done=False)
+    _remove_killed_writes(out_dir)
+    last_path = out_dir / "last.pth"
+    want = fingerprint(recipe)
+    if last_path.exists():
+        last = load_checkpoint(last_path)
+        if last.get("fingerprint") != want:
+            raise _stale(name, last_path, last.get("recipe", {}), recipe, retrain)
+        if last["epoch"] < epochs:
+            return TrainingPlan(out_dir, final, done=False, start_epoch=last["epoch"] + 1, resume=last)
+    if final.exists():
+        ckpt = load_checkpoint(final)
+        if ckpt.get("fingerprint") != want:
+            raise _stale(name, final, ckpt.get("recipe", {}), recipe, retrain)
+        return TrainingPlan(out_dir, final, done=True)
+    return TrainingPlan(out_dir, final, done=False)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """What the scripts share: turning a user error into one line and a non-zero exit."""
 from __future__ import annotations
 
+import argparse
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from . import KamalError
 
@@ -26,3 +27,11 @@ def run(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted; finished checkpoints are kept", file=sys.stderr)
         sys.exit(130)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` whose errors (unknown flag, value out of range) are one line and exit 2,
+    like every other user error of the scripts."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")

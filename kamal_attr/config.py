@@ -8,8 +8,10 @@ sub-folders so they never mix with real-data ones.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -18,6 +20,42 @@ from .engine import OptimConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SELECTIONS = ("entropy", "average", "random")
+
+
+def bounded_int(low: int, high: int | None = None, why: str = "") -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``[low, high]``, else one line saying so."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}{why}, got {value}")
+        return value
+    return parse
+
+
+def learning_rate(text: str) -> float:
+    """An argparse ``type``: a finite learning rate in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"must be a finite number in (0, 1], got {text}")
+    return value
+
+
+#: Flag value ranges, checked at parse time. 32 px is the smallest input whose layer4 map
+#: is not empty; bridges map a tap of C channels to C/2, so a width below 2 has none; a
+#: training batch of one breaks BatchNorm; numpy seeds are below 2**32.
+POSITIVE = bounded_int(1)
+IMAGE_SIZE = bounded_int(32, why=" (ResNet-18 downsamples by 32)")
+WIDTH = bounded_int(2, why=" (bridges halve the channels)")
+BATCH_SIZE = bounded_int(2, why=" (BatchNorm needs two images)")
+WORKERS = bounded_int(0)
+SEED = bounded_int(0, 2**32 - 1 - 1000 * 99)
 
 
 @dataclass(frozen=True)
@@ -116,10 +154,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights_dir", default=None,
                    help="ImageNet ResNet-18 .pth files (default weights/resnet/)")
     g = p.add_argument_group("run")
-    g.add_argument("--image_size", type=int, help="input size (224; demo 64)")
-    g.add_argument("--batch_size", type=int, help="batch size (64)")
-    g.add_argument("--workers", type=int, help="DataLoader workers (4; demo 0)")
-    g.add_argument("--seed", type=int, default=3256, help="seed of python, numpy, torch, loaders")
+    g.add_argument("--image_size", type=IMAGE_SIZE, help="input size, >= 32 (224; demo 64)")
+    g.add_argument("--batch_size", type=BATCH_SIZE, help="batch size, >= 2 (64)")
+    g.add_argument("--workers", type=WORKERS, help="DataLoader workers (4; demo 0)")
+    g.add_argument("--seed", type=SEED, default=3256, help="seed of python, numpy, torch, loaders")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: cuda if present)")
     g.add_argument("--overwrite", action="store_true",
                    help="retrain nets whose final checkpoint exists (default: reuse them)")
@@ -128,13 +166,13 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 def add_amalgamation_args(g: argparse._ArgumentGroup) -> None:
     """Flags that name which amalgamated nets to train or evaluate (``train.py``,
     ``evaluate.py``): checkpoint epochs, output roots and the recipe variant."""
-    g.add_argument("--sorce_saveEpoch", "--source_save_epoch", dest="source_save_epoch", type=int,
+    g.add_argument("--sorce_saveEpoch", "--source_save_epoch", dest="source_save_epoch", type=POSITIVE,
                    help="epoch of the source-net checkpoints to use "
                         f"({REAL.source_save_epoch}; demo {DEMO.source_save_epoch})")
     g.add_argument("--component_saveEpoch", "--component_save_epoch", dest="component_save_epoch",
-                   type=int, help="epochs of component training; that checkpoint feeds stage 2 "
+                   type=POSITIVE, help="epochs of component training; that checkpoint feeds stage 2 "
                         f"({REAL.component_epochs}; demo {DEMO.component_epochs})")
-    g.add_argument("--target_epoch", type=int, help="epochs of target training "
+    g.add_argument("--target_epoch", type=POSITIVE, help="epochs of target training "
                    f"({REAL.target_epochs}; demo {DEMO.target_epochs})")
     g.add_argument("--sourcedata_txtroot", help="routing lists, one per source net (default data/sources/)")
     g.add_argument("--componentnets_root", help="component nets (default snapshot/components/)")
@@ -145,10 +183,24 @@ def add_amalgamation_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--no_feature_loss", action="store_true", help="logits only (ablation)")
 
 
-def _positive(name: str, value: int) -> int:
-    if value < 1:
-        raise KamalError(f"{name} must be at least 1, got {value}")
-    return value
+def check_device(name: str) -> str:
+    """``name`` if torch knows it and it exists here (``cuda:7`` on a one-GPU machine does not)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise KamalError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:0...)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise KamalError(f"--device {name}: CUDA is not available here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise KamalError(f"--device {name}: this machine has {count} CUDA device(s), "
+                             f"cuda:0..cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise KamalError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise KamalError(f"--device {name}: only cpu, cuda[:N] and mps are supported")
+    return name
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
@@ -186,20 +238,20 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         target_root=out_root("target_root", "snapshot/target"),
         log_dir=out_root("log_dir", "run"),
         weights_dir=Path(args.weights_dir) if args.weights_dir else REPO_ROOT / "weights" / "resnet",
-        image_size=_positive("--image_size", get("image_size", preset.image_size)),
-        width=_positive("--width", get("width", preset.width)),
-        target_width=_positive("--target_width", get("target_width", preset.target_width)),
-        batch_size=_positive("--batch_size", get("batch_size", preset.batch_size)),
+        image_size=get("image_size", preset.image_size),
+        width=get("width", preset.width),
+        target_width=get("target_width", preset.target_width),
+        batch_size=get("batch_size", preset.batch_size),
         workers=get("workers", preset.workers),
         cache_images=preset.cache_images,
         pretrained=get("pretrained", preset.pretrained),
         seed=args.seed,
-        device=args.device or default_device(),
-        source_epochs=_positive("--epochs", source_epochs),
-        source_save_epoch=_positive("--sorce_saveEpoch", save_epoch),
+        device=check_device(args.device or default_device()),
+        source_epochs=source_epochs,
+        source_save_epoch=save_epoch,
         source_optim=source_optim,
-        component_epochs=_positive("--component_saveEpoch", get("component_save_epoch", preset.component_epochs)),
-        target_epochs=_positive("--target_epoch", get("target_epoch", preset.target_epochs)),
+        component_epochs=get("component_save_epoch", preset.component_epochs),
+        target_epochs=get("target_epoch", preset.target_epochs),
         amalgamation_optim=amalgamation_optim,
         split_train_among_sources=preset.split_train_among_sources,
         selection=get("selection", "entropy"),
@@ -208,14 +260,4 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         overwrite=args.overwrite,
         args={k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool))},
     )
-    if cfg.workers < 0:
-        raise KamalError(f"--workers must be >= 0, got {cfg.workers}")
-    if cfg.selection not in SELECTIONS:
-        raise KamalError(f"--selection must be one of {SELECTIONS}, got {cfg.selection!r}")
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        raise KamalError(f"--device {cfg.device!r} is not a torch device (cpu, cuda, cuda:0...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KamalError(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
     return cfg

@@ -69,10 +69,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
 
 
 def train_one_epoch(method: Method, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    device: torch.device, epoch: int, desc: str = "train") -> dict[str, float]:
-    """One pass over ``loader``; returns the mean of every loss part, ``loss`` and ``img/s``."""
+                    device: torch.device, epoch: int, desc: str = "train",
+                    log_every: int = 20) -> dict[str, float]:
+    """One pass over ``loader``; returns the mean of every loss part, ``loss`` and ``img/s``.
+
+    Losses are summed on the device and read once per ``log_every`` steps (progress bar)
+    and at the end of the epoch, so a step never waits for the host. A non-finite loss
+    stops training with the first step it appeared in, before any checkpoint is written.
+    """
     method.train()
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
+    step_losses: list[torch.Tensor] = []
     seen, start = 0, time.perf_counter()
     bar = tqdm(loader, desc=f"{desc} epoch {epoch}", leave=False, disable=None)
     for step, (images, labels, index) in enumerate(bar):
@@ -80,29 +87,46 @@ def train_one_epoch(method: Method, loader: DataLoader, optimizer: torch.optim.O
         labels, index = labels.to(device, non_blocking=True), index.to(device, non_blocking=True)
         parts = method.forward_train(images, labels, index)
         loss = torch.stack(list(parts.values())).sum()
-        if not torch.isfinite(loss):
-            raise KamalError(f"{desc}: loss is {loss.item()} at epoch {epoch} step {step} "
-                             f"({ {k: round(v.item(), 4) for k, v in parts.items()} }); "
-                             "lower --lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         n = images.shape[0]
         seen += n
         for k, v in [("loss", loss), *parts.items()]:
-            sums[k] = sums.get(k, 0.0) + v.item() * n
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+            sums[k] = sums.get(k, 0.0) + v.detach() * n
+        step_losses.append(loss.detach())
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
     if seen == 0:
         raise KamalError(f"{desc}: no training batch (fewer images than --batch_size?)")
-    stats = {k: v / seen for k, v in sums.items()}
+    finite = torch.isfinite(torch.stack(step_losses))
+    if not finite.all():
+        step = int((~finite).nonzero()[0])
+        raise KamalError(f"{desc}: loss is {step_losses[step].item()} at epoch {epoch} step "
+                         f"{step}; lower --lr (no checkpoint of this epoch was written)")
+    stats = {k: v.item() / seen for k, v in sums.items()}
     stats["img/s"] = seen / (time.perf_counter() - start)
     return stats
 
 
+def predict_many(models: Sequence[nn.Module], loader: DataLoader, device: torch.device,
+                 desc: str = "predict") -> list[torch.Tensor]:
+    """Logits ``(N, heads, 2)`` of each model over one pass of ``loader``, on the CPU: every
+    batch is read (decoded) once and run through all models."""
+    models = [place(m, device).eval() for m in models]  # outside inference mode: params stay normal
+    logits: list[list[torch.Tensor]] = [[] for _ in models]
+    with torch.inference_mode():
+        for images, _, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+            images = place_images(images, device)
+            for out, model in zip(logits, models):
+                out.append(model(images).float().cpu())
+    return [torch.cat(out) for out in logits]
+
+
 def predict(model: nn.Module, loader: DataLoader, device: torch.device,
             desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``(N, heads, 2)`` of ``model`` (moved to ``device``) over ``loader`` and the
-    labels, on the CPU."""
+    """Logits ``(N, heads, 2)`` of ``model`` (moved to ``device``, in eval mode) over
+    ``loader`` and the labels, on the CPU."""
     place(model, device).eval()  # outside inference mode: parameters stay normal tensors
     logits, labels = [], []
     with torch.inference_mode():
@@ -136,12 +160,15 @@ def fit(method: Method, train_loader: DataLoader, val_loader: DataLoader,
         name: str = "train", val_columns: Sequence[int] | None = None) -> dict[str, float]:
     """Train ``method`` for epochs ``start_epoch..epochs``; returns the last val accuracies.
 
-    Per epoch: train, step the scheduler, evaluate the student on ``val_loader``, log to
+    ``train_loader.sampler`` must have ``set_epoch`` (:class:`kamal_attr.runtime.EpochShuffle`):
+    each epoch's data order and augmentation depend on the seed and the epoch only, so a
+    run resumed at ``start_epoch`` continues exactly as an uninterrupted one. Per epoch: train, step the scheduler, evaluate the student on ``val_loader``, log to
     TensorBoard (``loss/<part>``, ``acc/val/<attribute>``, ``lr``, ``img_per_s``) and to the
     plain log, then call ``on_epoch_end(epoch, val_accuracy)`` (which saves the checkpoint).
     """
     accuracy: dict[str, float] = {}
     for epoch in range(start_epoch, epochs + 1):
+        train_loader.sampler.set_epoch(epoch)  # order and augmentation: a function of (seed, epoch)
         lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(method, train_loader, optimizer, device, epoch, desc=name)
         scheduler.step()

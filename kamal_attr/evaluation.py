@@ -13,11 +13,11 @@ from torch.utils.tensorboard import SummaryWriter
 
 from . import KamalError
 from .attributes import GROUPS, source_nets_of
-from .checkpoint import component_dir, epoch_file, load_net, source_dir, target_dir
+from .checkpoint import available_epochs, component_dir, epoch_file, load_net, source_dir, target_dir
 from .config import RunConfig
 from .engine import accuracy_per_head, predict
 from .losses import entropy_impurity, route_by_entropy
-from .pipeline import dataset, loader
+from .runtime import dataset, eval_loader
 from .synthetic import STYLE_LIST, STYLES, read_styles
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,17 @@ def _by_style(styles: list[str], ids: list[str], logits: torch.Tensor, entropies
     return out
 
 
+def _checkpoint(folder: Path, epoch: int, flag: str) -> Path | None:
+    """``epoch_NNN.pth`` in ``folder``; ``None`` if the net was never trained (no epoch file);
+    an error listing the epochs there if it was, but not to ``epoch`` (a wrong ``flag``)."""
+    path = epoch_file(folder, epoch)
+    epochs = available_epochs(folder)
+    if path.exists() or not epochs:
+        return path if path.exists() else None
+    raise KamalError(f"{path} does not exist; {folder} has epochs "
+                     f"{', '.join(map(str, epochs))}: pass one with {flag}")
+
+
 def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
                    writer: SummaryWriter | None = None, by_style: bool = False) -> dict[str, Any]:
     """Per attribute of ``group``: every source net's accuracy, the best of them, the
@@ -63,14 +74,15 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
             raise KamalError(f"--by_style needs the synthetic data's {STYLE_LIST} in "
                              f"{cfg.data_root}; real CelebA has no photo styles")
         styles = [style_of.get(f.name, "?") for f in test_data.files]
-    data = loader(cfg, test_data, shuffle=False)
-    target_path = epoch_file(target_dir(cfg.target_root, group, cfg.variant), cfg.target_epochs)
+    data = eval_loader(cfg, test_data)
+    target_path = _checkpoint(target_dir(cfg.target_root, group, cfg.variant), cfg.target_epochs,
+                              "--target_epoch")
     target_logits = None
-    if target_path.exists():
+    if target_path is not None:
         net, _ = load_net(target_path, kind="target", image_size=cfg.image_size)
         target_logits, _ = predict(net, data, device, desc="target")
     else:
-        log.warning("no target net at %s", target_path)
+        log.warning("no target net in %s", target_dir(cfg.target_root, group, cfg.variant))
     result: dict[str, Any] = {"group": group, "split": split, "variant": cfg.variant,
                               "attributes": {}}
     correct_h, wrong_h = [], []
@@ -78,9 +90,10 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
         row: dict[str, Any] = {"sources": {}}
         ids, logits, entropies = [], [], []
         for spec in source_nets_of(group, attribute):
-            path = epoch_file(source_dir(cfg.sources_root, spec), cfg.source_save_epoch)
-            if not path.exists():
-                log.warning("no source net at %s", path)
+            folder = source_dir(cfg.sources_root, spec)
+            path = _checkpoint(folder, cfg.source_save_epoch, "--sorce_saveEpoch")
+            if path is None:
+                log.warning("no source net in %s", folder)
                 row["sources"][str(spec.source_id)] = None
                 continue
             net, _ = load_net(path, kind="source", attribute=attribute, image_size=cfg.image_size)
@@ -108,14 +121,14 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
                 row["by_style"] = _by_style(styles, ids, logits, entropies, pick, labels[:, j])
         else:
             row["min_entropy"] = None
-        path = epoch_file(component_dir(cfg.components_root, group, cfg.variant, attribute),
-                          cfg.component_epochs)
-        if path.exists():
+        folder = component_dir(cfg.components_root, group, cfg.variant, attribute)
+        path = _checkpoint(folder, cfg.component_epochs, "--component_saveEpoch")
+        if path is not None:
             net, _ = load_net(path, kind="component", attribute=attribute, image_size=cfg.image_size)
             out, _ = predict(net, data, device, desc=f"component {attribute}")
             row["component"] = _accuracy(out[:, 0], labels[:, j])
         else:
-            log.warning("no component net at %s", path)
+            log.warning("no component net in %s", folder)
             row["component"] = None
         row["target"] = None if target_logits is None else _accuracy(target_logits[:, j], labels[:, j])
         result["attributes"][attribute] = row
@@ -259,7 +272,7 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, split: str = "test") -> dict
     the ``majority`` baseline (always answering the split's more frequent label)."""
     device = torch.device(cfg.device)
     net, _ = load_net(path, image_size=cfg.image_size)
-    data = loader(cfg, dataset(cfg, split, net.attributes), shuffle=False)
+    data = eval_loader(cfg, dataset(cfg, split, net.attributes))
     logits, labels = predict(net, data, device, desc=path.name)
     accuracy = accuracy_per_head(logits, labels, net.attributes)
     positive = labels.float().mean(0)

@@ -145,25 +145,39 @@ def load_imagenet_weights(model: AttributeResNet, path: str | Path) -> int:
     return len(state)
 
 
-def build_model(attributes: Sequence[str], width: int, pretrained: str,
-                weights_dir: str | Path) -> tuple[AttributeResNet, str]:
-    """Build a net and initialise it; returns ``(model, description of the init)``.
+def describe_init(pretrained: str, width: int, weights_dir: str | Path) -> str:
+    """How a source net starts, decided before anything is written: ``"random init"`` or
+    ``"ImageNet weights <file>"``.
 
-    ``pretrained``: ``"auto"`` loads ``weights_dir/*.pth`` when present and width is 64,
-    else random init with a one-line warning; ``"none"`` random init; anything else is a
-    path that must load.
+    ``pretrained``: ``"none"`` is random init; ``"auto"`` needs a ``.pth`` in
+    ``weights_dir`` and width 64 (METHOD.md's protocol starts teachers from ImageNet: 50
+    epochs from random init would be a different experiment, so it is an error, not a
+    warning); anything else is a path to such a file.
     """
-    model = AttributeResNet(attributes, width)
     if pretrained == "none":
-        return model, "random init"
+        return "random init"
     if pretrained == "auto":
         found = find_imagenet_weights(weights_dir)
-        if found is None or width != 64:
-            why = (f"no ImageNet weights in {weights_dir}" if found is None
-                   else f"width {width} does not fit ImageNet weights")
-            log.warning("%s: random init (put resnet18-f37072fd.pth there, or pass "
-                        "--pretrained none to silence this)", why)
-            return model, "random init"
+        if found is None:
+            raise KamalError(f"no ImageNet ResNet-18 weights in {weights_dir}: put torchvision's "
+                             "resnet18-f37072fd.pth there, or pass --pretrained none to train "
+                             "the source nets from random init")
         pretrained = str(found)
-    load_imagenet_weights(model, pretrained)
-    return model, f"ImageNet weights {pretrained}"
+    if width != 64:
+        raise KamalError(f"ImageNet weights are for width 64, this net has width {width}; "
+                         "pass --width 64, or --pretrained none")
+    if not Path(pretrained).is_file():
+        raise KamalError(f"--pretrained {pretrained}: no such file")
+    return f"ImageNet weights {Path(pretrained).name}"
+
+
+def build_model(attributes: Sequence[str], width: int, pretrained: str,
+                weights_dir: str | Path) -> tuple[AttributeResNet, str]:
+    """Build a net and initialise it as :func:`describe_init` says; returns
+    ``(model, description of the init)``."""
+    init = describe_init(pretrained, width, weights_dir)
+    model = AttributeResNet(attributes, width)
+    if pretrained != "none":
+        load_imagenet_weights(model, find_imagenet_weights(weights_dir) if pretrained == "auto"
+                              else pretrained)
+    return model, init

@@ -21,16 +21,19 @@ Run ``python -m kamal_attr.synthetic --out data/synthetic`` to write one.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from . import KamalError
 from .attributes import CELEBA_ATTRIBUTES
 
 WIDTH, HEIGHT = 178, 218
@@ -389,14 +392,41 @@ def _write_attr_list(path: Path, names: list[str], labels: np.ndarray) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+#: Written first into every folder the generator makes: the proof that a folder is ours
+#: (only such a folder, or an empty one, is ever replaced or removed by the generator).
+MARKER = ".kamal_attr_synthetic"
+
+
+def is_ours(folder: str | Path) -> bool:
+    """Whether ``folder`` was written by :func:`generate` (it holds :data:`MARKER`)."""
+    return (Path(folder) / MARKER).is_file()
+
+
+def check_writable(out: str | Path) -> None:
+    """Refuse (one line naming the folder) unless ``out`` is missing, empty or ours."""
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and (is_ours(out) or not any(out.iterdir()))):
+        raise KamalError(f"{out} holds files that the synthetic-data generator did not write; "
+                         "it only writes into a new, empty or its own folder: pass another "
+                         "--data_root (or --out)")
+
+
 def generate(out: str | Path, num_images: int = 8000, seed: int = 0,
              workers: int | None = None) -> Path:
     """Write a synthetic dataset in the official CelebA layout under ``out``; return ``out``.
 
-    Written into a temporary sibling folder and renamed at the end, so an interrupted run
-    never leaves a half dataset that later looks complete.
+    ``out`` must be missing, empty, or a dataset this function wrote (:func:`check_writable`):
+    nothing else is ever deleted or overwritten. The dataset is drawn in a temporary
+    sibling folder (marked as ours before anything else is written) and renamed at the end,
+    so an interrupted run never leaves a half dataset that looks complete; leftovers of
+    killed runs are removed on the next call.
     """
     out = Path(out)
+    check_writable(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in out.parent.glob(f".{out.name}.partial-*"):
+        if is_ours(leftover):
+            shutil.rmtree(leftover)
     rng = np.random.default_rng(seed)
     faces = sample_faces(num_images, rng)
     n_train, n_val, n_test = split_sizes(num_images)
@@ -406,9 +436,9 @@ def generate(out: str | Path, num_images: int = 8000, seed: int = 0,
     noisy = clean ^ flip
     names = [f"{i + 1:06d}.jpg" for i in range(num_images)]
 
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "img_align_celeba").mkdir(parents=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    (tmp / MARKER).write_text(json.dumps({"num_images": num_images, "seed": seed}) + "\n")
+    (tmp / "img_align_celeba").mkdir()
     keys = list(faces)
     jobs = [(i, {k: (int(faces[k][i]) if faces[k].dtype != bool else bool(faces[k][i]))
                  for k in keys}, int(styles[i]), seed, str(tmp / "img_align_celeba"))
@@ -431,15 +461,16 @@ def generate(out: str | Path, num_images: int = 8000, seed: int = 0,
         "".join(f"{n} {p}\n" for n, p in zip(names, partition)))
     (tmp / STYLE_LIST).write_text(
         "".join(f"{n} {STYLES[s]}\n" for n, s in zip(names, styles)))
-    if out.exists():
-        shutil.rmtree(out)
+    check_writable(out)  # again: the folder may have changed while drawing
+    if out.exists():  # ours or empty (checked): replaced only now that the new one is whole
+        old = out.with_name(f".{out.name}.partial-old-{os.getpid()}")
+        out.rename(old)
+        if is_ours(old):
+            shutil.rmtree(old)
+        else:
+            old.rmdir()
     tmp.rename(out)
     return out
-
-
-def is_complete(root: str | Path) -> bool:
-    root = Path(root)
-    return (root / "list_attr_celeba.txt").exists() and (root / "list_eval_partition.txt").exists()
 
 
 def read_styles(root: str | Path) -> dict[str, str] | None:
@@ -453,14 +484,18 @@ def read_styles(root: str | Path) -> dict[str, str] | None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Write the synthetic CelebA-format face dataset.")
-    p.add_argument("--out", default="data/synthetic", help="output folder (replaced if present)")
+    p.add_argument("--out", default="data/synthetic",
+                   help="output folder: new, empty, or one this generator wrote (replaced)")
     p.add_argument("--num_images", type=int, default=8000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="drawing processes (default: cores)")
     args = p.parse_args(argv)
     if args.num_images < 9:
         p.error("--num_images must be at least 9 (train, val and test need images)")
-    print(f"wrote {generate(args.out, args.num_images, args.seed, args.workers)}")
+    try:
+        print(f"wrote {generate(args.out, args.num_images, args.seed, args.workers)}")
+    except KamalError as e:
+        p.exit(2, f"error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 from kamal_attr import KamalError
-from kamal_attr.models import (AttributeResNet, FeatureTaps, build_model,
+from kamal_attr.models import (AttributeResNet, FeatureTaps, build_model, describe_init,
                                load_imagenet_weights, tap_channels)
 
 
@@ -42,7 +42,7 @@ def test_imagenet_weights_load_from_a_torchvision_file(tmp_path):
     path = tmp_path / "resnet18-f37072fd.pth"
     torch.save(reference.state_dict(), path)
     model, init = build_model(["Male", "Young"], 64, "auto", tmp_path)
-    assert str(path) in init
+    assert init == "ImageNet weights resnet18-f37072fd.pth"
     assert torch.equal(model.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
     assert torch.equal(model.bn1.running_mean, reference.bn1.running_mean)
 
@@ -59,14 +59,14 @@ def test_bad_weight_files_fail_clearly(tmp_path):
         load_imagenet_weights(AttributeResNet(["Male"], 16), bad)
 
 
-def test_random_init_warns_once_without_weights(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING):
-        _, init = build_model(["Male"], 64, "auto", tmp_path / "empty")
+def test_missing_imagenet_weights_are_an_error_unless_random_init_is_asked_for(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KamalError, match="resnet18-f37072fd.pth there, or pass --pretrained none"):
+        build_model(["Male"], 64, "auto", tmp_path / "empty")
+    with pytest.raises(KamalError, match="width 64"):
+        describe_init(str(tmp_path / "x.pth"), 16, tmp_path)
+    _, init = build_model(["Male"], 16, "none", tmp_path)
     assert init == "random init"
-    assert len(caplog.records) == 1 and "no ImageNet weights" in caplog.records[0].getMessage()
-    caplog.clear()
-    build_model(["Male"], 16, "none", tmp_path)
-    assert not caplog.records
 
 
 def test_channels_last_placement_keeps_the_outputs():

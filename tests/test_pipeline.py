@@ -124,20 +124,19 @@ def test_claims_count_attributes_against_their_thresholds():
 def test_second_run_reuses_finished_nets(trained, caplog):
     root, amalgamate = trained
     before = (root / "snapshot/target/hair/entropy/epoch_001.pth").stat().st_mtime_ns
-    train.main(train.get_args_parser().parse_args(amalgamate))
+    train.main(train.get_args_parser().parse_args(amalgamate + ["--width", "4", "--target_width", "6"]))
     assert (root / "snapshot/target/hair/entropy/epoch_001.pth").stat().st_mtime_ns == before
 
 
-def test_reusing_a_source_net_trained_on_another_part_warns(trained, synthetic_root):
+def test_reusing_a_source_net_trained_on_another_part_is_refused(trained, synthetic_root):
     root, _ = trained
     path = root / "snapshot/sources/hair/source1_Black_Hair/epoch_001.pth"
-    before = path.stat().st_mtime_ns
-    args = ["--target_attribute", "Black_Hair", "--source_id", "1", "--epochs", "1",
-            "--train_part", "1/2"] + common(root, synthetic_root)
-    train_sourcenet.main(train_sourcenet.get_args_parser().parse_args(args))
-    assert path.stat().st_mtime_ns == before
-    assert "trained on part None of the training split, this run asks for [1, 2]" in \
-        (root / "run/log.txt").read_text()
+    before = path.read_bytes()
+    args = ["--target_attribute", "Black_Hair", "--source_id", "1", "--epochs", "1", "--width", "4",
+            "--pretrained", "none", "--train_part", "1/2"] + common(root, synthetic_root)
+    with pytest.raises(KamalError, match=r"train_part: None -> \[1, 2\]"):
+        train_sourcenet.main(train_sourcenet.get_args_parser().parse_args(args))
+    assert path.read_bytes() == before
 
 
 def test_missing_source_names_file_and_command(tmp_path, synthetic_root):
@@ -154,10 +153,12 @@ def test_missing_source_names_file_and_command(tmp_path, synthetic_root):
 def test_routing_is_deterministic(trained, synthetic_root):
     from kamal_attr.attributes import source_nets_of
     from kamal_attr.config import resolve_config
-    from kamal_attr.pipeline import compute_routing, dataset, load_teachers, source_checkpoints
+    from kamal_attr.routing import compute_routing
+    from kamal_attr.runtime import dataset
+    from kamal_attr.stages import load_teachers, source_checkpoints
     root, amalgamate = trained
     cfg = resolve_config(train.get_args_parser().parse_args(amalgamate))
-    teachers = load_teachers(source_checkpoints("hair", "Brown_Hair", cfg), "Brown_Hair", cfg)
+    teachers, _ = load_teachers(source_checkpoints("hair", "Brown_Hair", cfg), "Brown_Hair", cfg)
     data = dataset(cfg, "train", ["Brown_Hair"])
     first, second = (compute_routing(teachers, "Brown_Hair", data, cfg) for _ in range(2))
     assert torch.equal(first[1], second[1]) and first[1].sum(1).eq(1).all()
@@ -166,7 +167,7 @@ def test_routing_is_deterministic(trained, synthetic_root):
 
 def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
     result = subprocess.run([sys.executable, "train_sourcenet.py", "--data_root", str(tmp_path / "none"),
-                             "--save_root", str(tmp_path), "--device", "cpu"],
+                             "--save_root", str(tmp_path), "--device", "cpu", "--pretrained", "none"],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: data root") and len(result.stderr.strip().splitlines()) == 1
@@ -187,7 +188,7 @@ def test_evaluate_any_checkpoint(trained, tmp_path, capsys):
 def test_demo_source_nets_of_an_attribute_split_the_training_split():
     from kamal_attr.attributes import SourceNetSpec, source_net
     from kamal_attr.config import resolve_config
-    from kamal_attr.pipeline import source_part
+    from kamal_attr.stages import source_part
     parser = train_sourcenet.get_args_parser()
     demo = resolve_config(parser.parse_args(["--demo", "--device", "cpu"]))
     assert [source_part(demo, source_net("Black_Hair", k), None) for k in (1, 2)] == [(1, 2), (2, 2)]

@@ -1,0 +1,62 @@
+"""Selective learning's offline step: score every training image by each source net's
+entropy impurity, choose who teaches it, and write the port's routing lists."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .attributes import SourceNetSpec
+from .celeba import CelebA
+from .config import RunConfig
+from .engine import predict_many
+from .losses import entropy_impurity, route_by_entropy
+from .models import AttributeResNet
+from .runtime import eval_loader
+
+
+def routing_weights(entropies: torch.Tensor, selection: str, seed: int) -> torch.Tensor:
+    """One weight per (image, source net) from the entropies ``(N, S)``: one-hot rows at the
+    min-entropy source net (``entropy``, the paper) or a random one fixed by ``seed``
+    (``random``), or ``1/S`` everywhere (``average``)."""
+    n, s = entropies.shape
+    if selection == "average":
+        return torch.full((n, s), 1.0 / s)
+    if selection == "random":
+        choice = torch.randint(0, s, (n,), generator=torch.Generator().manual_seed(seed))
+    else:
+        choice = route_by_entropy(entropies)
+    return torch.nn.functional.one_hot(choice, s).float()
+
+
+def compute_routing(teachers: Sequence[AttributeResNet], component: str, data: CelebA,
+                    cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy impurity of every teacher on every image of ``data`` and the routing weights
+    for ``cfg.selection``: ``(entropies (N, S), weights (N, S))``, on the CPU.
+
+    Always scored on the un-augmented (eval) view of ``data``, whatever view it is given, so
+    routing is deterministic; all teachers see each batch in one pass over the split.
+    """
+    logits = predict_many(teachers, eval_loader(cfg, data), torch.device(cfg.device),
+                          desc="routing")
+    entropies = torch.stack([entropy_impurity(z[:, t.attributes.index(component)])
+                             for z, t in zip(logits, teachers)], dim=1)
+    return entropies, routing_weights(entropies, cfg.selection, cfg.seed)
+
+
+def write_routing(folder: Path, specs: Sequence[SourceNetSpec], files: Sequence[Path],
+                  weights: torch.Tensor) -> list[Path]:
+    """One list of image file names per source net (the seed's ``--sourcedata_txtroot``),
+    rewritten atomically on every run, never appended to."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, spec in enumerate(specs):
+        path = folder / f"{spec.name}.txt"
+        chosen = [files[n].name for n in torch.nonzero(weights[:, i] > 0).squeeze(1).tolist()]
+        tmp = path.with_suffix(".txt.tmp")
+        tmp.write_text("".join(name + "\n" for name in chosen))
+        os.replace(tmp, path)
+        written.append(path)
+    return written

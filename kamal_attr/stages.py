@@ -1,0 +1,265 @@
+"""The paper's stages as functions the scripts call: source nets, component nets, target net.
+
+Each stage writes down its net's *recipe* (what decides its weights; see
+:mod:`kamal_attr.checkpoint`), lets :func:`~kamal_attr.checkpoint.plan_training` decide
+whether to reuse, resume or start it, builds its method, and hands it to :func:`train_net`,
+which every stage shares: optimiser, scheduler, TensorBoard run, resume, per-epoch
+checkpoints around :func:`kamal_attr.engine.fit`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from . import KamalError
+from .attributes import GROUPS, SourceNetSpec, source_nets_of
+from .celeba import CelebA
+from .checkpoint import (TrainingPlan, atomic_save, available_epochs, component_dir, epoch_file, fingerprint,
+                         load_net, net_record, plan_training, source_dir, target_dir, weights_digest)
+from .config import RunConfig
+from .engine import OptimConfig, build_optimizer, build_scheduler, fit, place
+from .methods import Method, SelectiveAmalgamation, SourceTraining, TargetAmalgamation
+from .models import AttributeResNet, build_model, describe_init
+from .routing import compute_routing, write_routing
+from .runtime import dataset, eval_loader, open_writer, seed_everything, train_loader
+
+log = logging.getLogger("kamal_attr")
+
+
+class GroupData:
+    """A group's train and val images with labels of all its attributes, decoded on first
+    use and shared by its component nets and its target net (decoding once, not five times)."""
+
+    def __init__(self, group: str, cfg: RunConfig) -> None:
+        self.attributes = GROUPS[group]
+        self.cfg = cfg
+
+    @cached_property
+    def train(self) -> CelebA:
+        return dataset(self.cfg, "train", self.attributes, train=True)
+
+    @cached_property
+    def val(self) -> CelebA:
+        return dataset(self.cfg, "val", self.attributes)
+
+
+def make_recipe(cfg: RunConfig, stage: str, optim: OptimConfig, epochs: int, seed: int,
+                **specific: Any) -> dict[str, Any]:
+    """What decides a net's weights, as plain JSON values (see :mod:`kamal_attr.checkpoint`).
+
+    Left out on purpose: the device, loader workers and output folders (they change where
+    and how fast, not what is learnt)."""
+    recipe = {"stage": stage, "arch": "resnet18", "image_size": cfg.image_size,
+              "data_root": str(Path(cfg.data_root).resolve()), "seed": seed,
+              "batch_size": cfg.batch_size, "optim": asdict(optim), "epochs": epochs, **specific}
+    return json.loads(json.dumps(recipe))
+
+
+def train_net(method: Method, plan: TrainingPlan, recipe: dict[str, Any], cfg: RunConfig,
+              name: str, epochs: int, optim_cfg: OptimConfig, seed: int, train_data: CelebA,
+              val_data: CelebA, run_dir: Path, record: dict[str, Any],
+              val_columns: Sequence[int] | None = None) -> Path:
+    """What every stage shares: optimiser, per-epoch scheduler, TensorBoard, resume from
+    ``plan.resume`` (model, bridges, optimiser, scheduler; data order and augmentation follow
+    from the seed and the epoch), and per-epoch checkpoints that carry ``recipe``."""
+    device = torch.device(cfg.device)
+    place(method, device)
+    optimizer = build_optimizer(method.parameter_groups(optim_cfg.lr), optim_cfg)
+    scheduler = build_scheduler(optimizer, optim_cfg, epochs)
+    if plan.resume is not None:
+        missing, unexpected = method.load_state_dict(plan.resume["method"], strict=False)
+        if unexpected or any(not k.startswith("teachers.") for k in missing):
+            raise KamalError(f"{plan.out_dir / 'last.pth'} does not fit this net "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                             "--overwrite starts over")
+        optimizer.load_state_dict(plan.resume["optimizer"])
+        scheduler.load_state_dict(plan.resume["scheduler"])
+        log.info("%s: resumed from %s after epoch %d of %d", name, plan.out_dir / "last.pth",
+                 plan.start_epoch - 1, epochs)
+    kind = record["kind"]
+    extra = {k: v for k, v in record.items() if k != "kind"}
+    writer = open_writer(run_dir, cfg, {"net": name, "fingerprint": fingerprint(recipe), **extra},
+                         plan.start_epoch)
+
+    def save(epoch: int, accuracy: dict[str, float]) -> None:
+        ckpt = net_record(kind, method.student, cfg.image_size, epoch, recipe,
+                          val_accuracy=accuracy, **extra)
+        atomic_save(ckpt, epoch_file(plan.out_dir, epoch))
+        atomic_save({**ckpt, "method": method.trainable_state_dict(),
+                     "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict()}, plan.out_dir / "last.pth")
+
+    try:
+        fit(method, train_loader(cfg, train_data, seed), eval_loader(cfg, val_data), optimizer,
+            scheduler, epochs, device, writer, save, start_epoch=plan.start_epoch, name=name,
+            val_columns=val_columns)
+    finally:
+        writer.close()
+    log.info("%s: saved %s", name, plan.final)
+    return plan.final
+
+
+def _retrain_source(cfg: RunConfig) -> str:
+    return "python train_sourcenet.py" + (" --demo" if cfg.demo else "")
+
+
+def _retrain_amalgamation(cfg: RunConfig) -> str:
+    return "python train.py" + (" --demo" if cfg.demo else "")
+
+
+def source_part(cfg: RunConfig, spec: SourceNetSpec,
+                part: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The training part of a source net: ``part`` if given; in the demo, the k-th of the S
+    source nets of an attribute trains on part k of S, so an attribute's teachers saw
+    disjoint data that together covers the training split (each photo style has an expert)."""
+    if part is not None or not cfg.split_train_among_sources or spec.label:
+        return part
+    peers = source_nets_of(spec.group, spec.component)
+    return (peers.index(spec) + 1, len(peers))
+
+
+def train_source_net(spec: SourceNetSpec, cfg: RunConfig,
+                     part: tuple[int, int] | None = None) -> Path:
+    """Supervised training of one source net (a published teacher, here trained ourselves)."""
+    part = source_part(cfg, spec, part)
+    seed = cfg.seed + 1000 * spec.source_id
+    init = describe_init(cfg.pretrained, cfg.width, cfg.weights_dir)
+    recipe = make_recipe(cfg, "source", cfg.source_optim, cfg.source_epochs, seed,
+                         attributes=list(spec.attributes), width=cfg.width,
+                         train_part=list(part) if part else None, init=init)
+    name = f"{spec.group}/{spec.name}"
+    plan = plan_training(source_dir(cfg.sources_root, spec), cfg.source_epochs, recipe,
+                         cfg.overwrite, name, _retrain_source(cfg))
+    if plan.done:
+        log.info("%s: %s exists, reusing it (same recipe; --overwrite retrains)", name, plan.final)
+        return plan.final
+    seed_everything(seed)
+    train_data = dataset(cfg, "train", spec.attributes, train=True, part=part)
+    val_data = dataset(cfg, "val", spec.attributes)
+    model, init = build_model(spec.attributes, cfg.width, cfg.pretrained, cfg.weights_dir)
+    log.info("%s: attributes %s, %d training images%s, %s", name, ", ".join(spec.attributes),
+             len(train_data), f" (part {part[0]}/{part[1]})" if part else "", init)
+    record = {"kind": "source", "group": spec.group, "source_id": spec.source_id,
+              "train_part": recipe["train_part"], "init": init}
+    return train_net(SourceTraining(model), plan, recipe, cfg, name, cfg.source_epochs,
+                     cfg.source_optim, seed, train_data, val_data,
+                     cfg.log_dir / "sources" / spec.group / spec.name, record)
+
+
+def source_checkpoints(group: str, component: str, cfg: RunConfig) -> list[tuple[SourceNetSpec, Path]]:
+    """The source nets of ``component`` (epoch ``source_save_epoch``); raises listing every
+    missing file with the epochs that do exist, or the command that trains it."""
+    found = [(s, epoch_file(source_dir(cfg.sources_root, s), cfg.source_save_epoch))
+             for s in source_nets_of(group, component)]
+    missing = [(s, p) for s, p in found if not p.exists()]
+    if missing:
+        demo = " --demo" if cfg.demo else ""
+        where = (f" --sourcenets_root {cfg.sources_root} --data_root {cfg.data_root}"
+                 f" --image_size {cfg.image_size}")
+        lines = []
+        for s, p in missing:
+            epochs = available_epochs(p.parent)
+            lines.append(f"  {p}\n    " + (
+                f"that folder has epochs {', '.join(map(str, epochs))}: pick one with --sorce_saveEpoch"
+                if epochs else
+                f"make it with: python train_sourcenet.py{demo} --target_attribute {s.component} "
+                f"--source_id {s.source_id} --epochs {cfg.source_save_epoch}{where}"))
+        raise KamalError(f"{len(missing)} source net(s) of {component} missing "
+                         f"(epoch {cfg.source_save_epoch}, --sorce_saveEpoch):\n" + "\n".join(lines))
+    return found
+
+
+def load_teachers(found: list[tuple[SourceNetSpec, Path]], component: str,
+                  cfg: RunConfig) -> tuple[list[AttributeResNet], dict[str, str]]:
+    """The source nets in eval mode and their weight digests (name -> digest), which enter
+    the component's recipe: a retrained teacher makes its components stale."""
+    teachers, digests = [], {}
+    for spec, path in found:
+        net, rec = load_net(path, kind="source", attribute=component, image_size=cfg.image_size)
+        log.info("  teacher %s: %s (epoch %d, width %d)", spec.name, path, rec["epoch"], rec["width"])
+        teachers.append(net)
+        digests[spec.name] = weights_digest(net.state_dict())
+    return teachers, digests
+
+
+def train_component(group: str, component: str, cfg: RunConfig,
+                    data: GroupData | None = None) -> Path:
+    """Stage 1: selective learning of one component net from its source nets."""
+    found = source_checkpoints(group, component, cfg)
+    teachers, digests = load_teachers(found, component, cfg)
+    recipe = make_recipe(cfg, "component", cfg.amalgamation_optim, cfg.component_epochs,
+                         cfg.seed, group=group, attribute=component, width=cfg.width,
+                         selection=cfg.selection, feature_loss=cfg.feature_loss, teachers=digests)
+    name = f"component {group}/{component}"
+    plan = plan_training(component_dir(cfg.components_root, group, cfg.variant, component),
+                         cfg.component_epochs, recipe, cfg.overwrite, name,
+                         _retrain_amalgamation(cfg))
+    if plan.done:
+        log.info("%s: %s exists, reusing it (same recipe)", name, plan.final)
+        return plan.final
+    log.info("%s (%s): %d source nets", name, cfg.variant, len(found))
+    seed_everything(cfg.seed)
+    data = data or GroupData(group, cfg)
+    entropies, weights = compute_routing(teachers, component, data.train, cfg)
+    specs = [s for s, _ in found]
+    lists = write_routing(cfg.routing_root / group / cfg.selection, specs, data.train.files, weights)
+    share = weights.sum(0) / weights.sum()
+    log.info("  routing (%s): %s; lists in %s", cfg.selection,
+             ", ".join(f"{s.name} {v:.1%}" for s, v in zip(specs, share.tolist())), lists[0].parent)
+    student = AttributeResNet([component], cfg.width)
+    method = SelectiveAmalgamation(student, teachers, component, weights, cfg.feature_loss)
+    record = {"kind": "component", "group": group, "variant": cfg.variant,
+              "sources": [str(p) for _, p in found], "routing_share": share.tolist()}
+    run_dir = cfg.log_dir / "components" / group / cfg.variant / component
+    path = train_net(method, plan, recipe, cfg, name, cfg.component_epochs,
+                     cfg.amalgamation_optim, cfg.seed, data.train, data.val, run_dir, record,
+                     val_columns=[data.attributes.index(component)])
+    with SummaryWriter(str(run_dir)) as writer:
+        for s, v in zip(specs, share.tolist()):
+            writer.add_scalar(f"routing/share/{s.name}", v, 0)
+        writer.add_histogram("routing/entropy_min", entropies.min(dim=1).values, 0)
+    return path
+
+
+def train_target(group: str, cfg: RunConfig, data: GroupData | None = None) -> Path:
+    """Stage 2: the multi-head target net from all component nets of ``group``."""
+    attributes = GROUPS[group]
+    components, digests = [], {}
+    for attribute in attributes:
+        path = epoch_file(component_dir(cfg.components_root, group, cfg.variant, attribute),
+                          cfg.component_epochs)
+        if not path.exists():
+            raise KamalError(f"component net {path} missing; train it with: python train.py "
+                             f"--target_attribute {group} --stage component"
+                             + (" --demo" if cfg.demo else ""))
+        net, _ = load_net(path, kind="component", attribute=attribute, image_size=cfg.image_size)
+        log.info("  component %s: %s", attribute, path)
+        components.append(net)
+        digests[attribute] = weights_digest(net.state_dict())
+    recipe = make_recipe(cfg, "target", cfg.amalgamation_optim, cfg.target_epochs, cfg.seed,
+                         group=group, attributes=list(attributes), width=cfg.target_width,
+                         feature_loss=cfg.feature_loss, components=digests)
+    name = f"target {group}"
+    plan = plan_training(target_dir(cfg.target_root, group, cfg.variant), cfg.target_epochs,
+                         recipe, cfg.overwrite, name, _retrain_amalgamation(cfg))
+    if plan.done:
+        log.info("%s: %s exists, reusing it (same recipe)", name, plan.final)
+        return plan.final
+    seed_everything(cfg.seed)
+    student = AttributeResNet(attributes, cfg.target_width)
+    method = TargetAmalgamation(student, components, cfg.feature_loss)
+    log.info("%s (%s): width %d, %.1fM parameters, heads %s", name, cfg.variant,
+             cfg.target_width, sum(p.numel() for p in student.parameters()) / 1e6,
+             ", ".join(attributes))
+    record = {"kind": "target", "group": group, "variant": cfg.variant}
+    data = data or GroupData(group, cfg)
+    return train_net(method, plan, recipe, cfg, name, cfg.target_epochs, cfg.amalgamation_optim,
+                     cfg.seed, data.train, data.val, cfg.log_dir / "target" / group / cfg.variant,
+                     record)

@@ -1,0 +1,118 @@
+"""Long runs: a killed or interrupted run resumes bitwise, and finished nets are reused only
+when their recipe (fingerprint) matches; stale ones stop the run with what differs."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+import train_sourcenet
+from kamal_attr import KamalError
+from kamal_attr.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+EPOCHS = ["--sorce_saveEpoch", "3", "--component_saveEpoch", "3", "--target_epoch", "3"]
+
+
+def common(root: Path, data: Path) -> list[str]:
+    return ["--data_root", str(data), "--save_root", str(root), "--image_size", "32",
+            "--batch_size", "6", "--workers", "0", "--device", "cpu"]
+
+
+def sources_args(root, data):
+    return ["--all", "--group", "face", "--epochs", "3", "--width", "4", "--pretrained", "none"] + common(root, data)
+
+
+def amalgamation_args(root, data):
+    return ["--target_attribute", "face", "--width", "4", "--target_width", "6"] + EPOCHS + common(root, data)
+
+
+def script(*argv: str, interrupt: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    """Run a script in a fresh interpreter (optionally interrupted, see tests/interrupt.py)."""
+    prefix = [str(REPO / "tests" / "interrupt.py"), interrupt[0], str(interrupt[1])] if interrupt else []
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, *prefix, *argv], cwd=REPO, capture_output=True,
+                          text=True, env=env)
+
+
+def final_files(root: Path) -> list[Path]:
+    """Every net's final epoch file under ``root`` (relative paths)."""
+    snap = root / "snapshot"
+    return sorted(p.relative_to(root) for p in snap.rglob("epoch_003.pth"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, synthetic_root):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    for argv in (["train_sourcenet.py", *sources_args(root, synthetic_root)],
+                 ["train.py", *amalgamation_args(root, synthetic_root)]):
+        done = script(*argv)
+        assert done.returncode == 0, done.stderr[-2000:]
+    return root
+
+
+def test_killed_and_interrupted_runs_resume_bitwise_in_every_stage(uninterrupted, tmp_path, synthetic_root):
+    root = tmp_path
+    sources = ["train_sourcenet.py", *sources_args(root, synthetic_root)]
+    amalgamate = ["train.py", *amalgamation_args(root, synthetic_root)]
+    # source nets: SIGKILL right after source 2's first epoch was saved (the 4th last.pth)
+    assert script(*sources, interrupt=("kill", 4)).returncode == -9
+    done = script(*sources)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "face/source2_Oval_Face: resumed from" in done.stderr and "after epoch 1 of 3" in done.stderr
+    # stage 1: Ctrl-C in the middle of the second component's second epoch (5 steps an epoch)
+    stopped = script(*amalgamate, interrupt=("ctrl-c", 3 * 5 + 5 + 3))
+    assert stopped.returncode == 130 and "interrupted" in stopped.stderr
+    # stage 2: SIGKILL after the target's first epoch (3 components x 2 more epochs before it)
+    assert script(*amalgamate, interrupt=("kill", 2 + 3 + 1)).returncode == -9
+    log = (root / "run/log.txt").read_text()
+    assert "component face/Young: resumed from" in log and "after epoch 1 of 3" in log
+    done = script(*amalgamate)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "target face: resumed from" in done.stderr and "after epoch 1 of 3" in done.stderr
+
+    files = final_files(uninterrupted)
+    assert len(files) == 6 + 3 + 1 and files == final_files(root)
+    for rel in files:
+        ours, reference = load_checkpoint(root / rel), load_checkpoint(uninterrupted / rel)
+        assert ours["digest"] == reference["digest"], f"{rel} differs from the uninterrupted run"
+        assert all(torch.equal(ours["model"][k], v) for k, v in reference["model"].items())
+    assert not list(root.rglob("*.tmp"))
+
+
+def test_a_finished_net_of_another_recipe_is_refused_with_what_differs(uninterrupted, synthetic_root, tmp_path):
+    args = train.get_args_parser().parse_args(
+        ["--target_attribute", "face", "--width", "8", "--target_width", "6"] + EPOCHS
+        + common(uninterrupted, synthetic_root))
+    with pytest.raises(KamalError, match=r"component face/Oval_Face: .*width: 4 -> 8.*--overwrite"):
+        train.main(args)
+
+
+def test_a_retrained_teacher_makes_its_component_stale(uninterrupted, synthetic_root, tmp_path):
+    import shutil
+    root = tmp_path / "copy"
+    shutil.copytree(uninterrupted / "snapshot", root / "snapshot")
+    retrain = train_sourcenet.get_args_parser().parse_args(
+        ["--target_attribute", "Young", "--source_id", "3", "--epochs", "3", "--width", "4",
+         "--pretrained", "none", "--seed", "7", "--overwrite"] + common(root, synthetic_root))
+    train_sourcenet.main(retrain)
+    args = train.get_args_parser().parse_args(amalgamation_args(root, synthetic_root))
+    with pytest.raises(KamalError, match=r"component face/Young: .*teachers.source3_Young: \w+ -> \w+"):
+        train.main(args)
+
+
+def test_overwrite_starts_over_and_leaves_no_old_epochs(uninterrupted, synthetic_root, tmp_path):
+    import shutil
+    root = tmp_path / "copy"
+    shutil.copytree(uninterrupted / "snapshot", root / "snapshot")
+    folder = root / "snapshot/sources/face/source1_Oval_Face"
+    (folder / "epoch_003.pth.tmp").write_bytes(b"half a write")  # a write killed half-way
+    retrain = ["--target_attribute", "Oval_Face", "--source_id", "1", "--epochs", "3", "--width",
+               "4", "--pretrained", "none", "--seed", "7", "--overwrite"] + common(root, synthetic_root)
+    killed = script("train_sourcenet.py", *retrain, interrupt=("kill", 1))
+    assert killed.returncode == -9
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_001.pth", "last.pth"]
+    assert load_checkpoint(folder / "last.pth")["recipe"]["seed"] == 7 + 1000
