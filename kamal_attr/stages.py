@@ -231,7 +231,7 @@ def train_component(group: str, component: str, cfg: RunConfig,
 def train_target(group: str, cfg: RunConfig, data: GroupData | None = None) -> Path:
     """Stage 2: the multi-head target net from all component nets of ``group``."""
     attributes = GROUPS[group]
-    components, digests = [], {}
+    components, digests, paths = [], {}, []
     for attribute in attributes:
         path = epoch_file(component_dir(cfg.components_root, group, cfg.variant, attribute),
                           cfg.component_epochs)
@@ -242,6 +242,7 @@ def train_target(group: str, cfg: RunConfig, data: GroupData | None = None) -> P
         net, _ = load_net(path, kind="component", attribute=attribute, image_size=cfg.image_size)
         log.info("  component %s: %s", attribute, path)
         components.append(net)
+        paths.append(str(path))
         digests[attribute] = weights_digest(net.state_dict())
     recipe = make_recipe(cfg, "target", cfg.amalgamation_optim, cfg.target_epochs, cfg.seed,
                          group=group, attributes=list(attributes), width=cfg.target_width,
@@ -258,7 +259,7 @@ def train_target(group: str, cfg: RunConfig, data: GroupData | None = None) -> P
     log.info("%s (%s): width %d, %.1fM parameters, heads %s", name, cfg.variant,
              cfg.target_width, sum(p.numel() for p in student.parameters()) / 1e6,
              ", ".join(attributes))
-    record = {"kind": "target", "group": group, "variant": cfg.variant}
+    record = {"kind": "target", "group": group, "variant": cfg.variant, "components": paths}
     data = data or GroupData(group, cfg)
     return train_net(method, plan, recipe, cfg, name, cfg.target_epochs, cfg.amalgamation_optim,
                      cfg.seed, data.train, data.val, cfg.log_dir / "target" / group / cfg.variant,

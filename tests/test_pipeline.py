@@ -10,7 +10,9 @@ import torch
 import evaluate
 import train
 import train_sourcenet
+import kamal_attr.stages as stages
 from kamal_attr import KamalError
+from kamal_attr.engine import fit
 from kamal_attr.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,12 +32,45 @@ def trained(tmp_path_factory, synthetic_root):
     """Train the hair group's 9 source nets, both stages and evaluate (1 epoch each)."""
     root = tmp_path_factory.mktemp("run")
     args = common(root, synthetic_root)
-    train_sourcenet.main(train_sourcenet.get_args_parser().parse_args(
-        ["--all", "--group", "hair", "--epochs", "1", "--width", "4", "--pretrained", "none"] + args))
     select = ["--target_attribute", "hair", "--sorce_saveEpoch", "1", "--component_saveEpoch", "1",
               "--target_epoch", "1"] + args  # which nets: shared by train.py and evaluate.py
-    train.main(train.get_args_parser().parse_args(select + ["--width", "4", "--target_width", "6"]))
+    with pytest.MonkeyPatch.context() as patch:  # record the training loader of every net
+        patch.setattr(stages, "fit", lambda method, loader, *a, **k: (
+            FITTED.append((k["name"], loader)), fit(method, loader, *a, **k))[1])
+        train_sourcenet.main(train_sourcenet.get_args_parser().parse_args(
+            ["--all", "--group", "hair", "--epochs", "1", "--width", "4", "--pretrained", "none"] + args))
+        train.main(train.get_args_parser().parse_args(select + ["--width", "4", "--target_width", "6"]))
     return root, select
+
+
+#: (net name, training DataLoader) of every net the ``trained`` fixture trained, in order.
+FITTED: list = []
+
+
+def test_every_net_of_every_stage_is_trained_on_shuffled_batches(trained):
+    from kamal_attr.runtime import EpochShuffle
+    names = [name for name, _ in FITTED]
+    assert names == [f"hair/source{k}_{a}" for k, a in [(1, "Black_Hair"), (2, "Black_Hair"),
+                     (3, "Blond_Hair"), (4, "Blond_Hair"), (5, "Brown_Hair"), (6, "Brown_Hair"),
+                     (7, "Brown_Hair"), (8, "Bangs"), (9, "Bangs")]] + [
+        f"component hair/{a}" for a in ("Black_Hair", "Blond_Hair", "Brown_Hair", "Bangs")] + [
+        "target hair"], f"nets trained: {names} (every component, then the target)"
+    for name, loader in FITTED:
+        assert isinstance(loader.sampler, EpochShuffle) and loader.sampler.shuffle, f"{name}: not shuffled"
+        order = list(loader.sampler)
+        assert sorted(order) == list(range(len(loader.dataset))) and order != sorted(order), \
+            f"{name}: the training data is not shuffled"
+        assert loader.dataset.train, f"{name}: trained on the un-augmented view"
+
+
+def test_each_stage_loads_the_files_the_previous_stage_saved(trained):
+    root, _ = trained
+    saved = lambda pattern: sorted(str(p) for p in root.glob(pattern))  # noqa: E731
+    target = load_checkpoint(root / "snapshot/target/hair/entropy/epoch_001.pth")
+    assert sorted(target["components"]) == saved("snapshot/components/hair/entropy/*/epoch_001.pth")
+    sources = [s for a in ("Black_Hair", "Blond_Hair", "Brown_Hair", "Bangs") for s in load_checkpoint(
+        root / f"snapshot/components/hair/entropy/{a}/epoch_001.pth")["sources"]]
+    assert sorted(sources) == saved("snapshot/sources/hair/*/epoch_001.pth")
 
 
 def test_source_net_checkpoint_and_tensorboard(trained):
@@ -197,3 +232,16 @@ def test_demo_source_nets_of_an_attribute_split_the_training_split():
     assert source_part(demo, SourceNetSpec("custom", 0, ("Male",), label="m"), None) is None
     real = resolve_config(parser.parse_args(["--device", "cpu"]))
     assert source_part(real, source_net("Black_Hair", 1), None) is None  # real data: the whole split
+
+
+def test_an_epoch_that_was_not_saved_lists_those_that_were(trained):
+    root, select = trained
+    def with_value(flag, value):
+        return [value if prev == flag else a for prev, a in zip([None] + select, select)]
+    with pytest.raises(KamalError, match=r"epoch_002.pth does not exist; .*Black_Hair has epochs 1: "
+                                         r"pass one with --component_saveEpoch"):
+        evaluate.main(evaluate.get_args_parser().parse_args(with_value("--component_saveEpoch", "2")))
+    with pytest.raises(KamalError, match=r"source1_Black_Hair/epoch_002.pth\n    that folder has "
+                                         r"epochs 1: pick one with --sorce_saveEpoch"):
+        train.main(train.get_args_parser().parse_args(with_value("--sorce_saveEpoch", "2")
+                                                      + ["--stage", "component"]))

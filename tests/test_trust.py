@@ -1,0 +1,162 @@
+"""User data is never touched, and bad flags or inputs stop with one line, writing nothing."""
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import evaluate
+import train
+import train_sourcenet
+from kamal_attr import KamalError
+from kamal_attr.cli import run
+from kamal_attr.config import resolve_config
+from kamal_attr.runtime import ensure_data
+from kamal_attr.synthetic import MARKER, generate, is_ours
+
+from conftest import write_celeba
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with a hash of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def demo_cfg(data_root: Path, save_root: Path):
+    args = train.get_args_parser().parse_args(
+        ["--demo", "--data_root", str(data_root), "--save_root", str(save_root), "--device", "cpu"])
+    return resolve_config(args)
+
+
+LAYOUTS = {
+    "official": dict(kind="official"),
+    "anno-eval": dict(kind="official", lists_dir="split", image_dir="Img/img_align_celeba"),
+    "torchvision": dict(kind="official", lists_dir="celeba", image_dir="celeba/img_align_celeba"),
+    "kaggle": dict(kind="kaggle", image_dir="img_align_celeba/img_align_celeba"),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_demo_pointed_at_celeba_in_any_layout_reads_it_and_writes_nothing_there(tmp_path, layout):
+    data = tmp_path / "CelebA"
+    write_celeba(data, n=6, **LAYOUTS[layout])
+    before = snapshot(data)
+    ensure_data(demo_cfg(data, tmp_path / "out"))
+    assert snapshot(data) == before
+
+
+@pytest.mark.parametrize("contents", ["other dataset", "partial celeba"])
+def test_demo_refuses_a_folder_of_someone_elses_files(tmp_path, contents):
+    data = tmp_path / "datasets"
+    if contents == "other dataset":
+        (data / "imagenet").mkdir(parents=True)
+        (data / "imagenet" / "n01440764.tar").write_bytes(b"precious")
+    else:  # lists present, images not yet unpacked: not CelebA to the reader, not ours either
+        write_celeba(data, n=6)
+        for image in (data / "img_align_celeba").iterdir():
+            image.unlink()
+    before = snapshot(data)
+    with pytest.raises(KamalError, match=f"--data_root {data} holds no CelebA"):
+        ensure_data(demo_cfg(data, tmp_path / "out"))
+    assert snapshot(data) == before
+
+
+def test_demo_script_refuses_before_writing_anything(tmp_path):
+    data = tmp_path / "mine"
+    data.mkdir()
+    (data / "notes.txt").write_text("my only copy")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "train.py", "--demo", "--data_root", str(data),
+                             "--save_root", str(out), "--device", "cpu"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"error: --data_root {data} holds no CelebA")
+    assert (data / "notes.txt").read_text() == "my only copy" and not out.exists()
+
+
+def test_generator_writes_only_into_new_empty_or_its_own_folders(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    generate(empty, num_images=9, workers=1)
+    assert is_ours(empty) and (empty / "list_attr_celeba.txt").exists()
+    first = snapshot(empty)
+    generate(empty, num_images=9, seed=1, workers=1)  # ours: replaced
+    assert snapshot(empty) != first and is_ours(empty)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "a.jpg").write_bytes(b"x")
+    with pytest.raises(KamalError, match=f"{foreign} holds files that the synthetic-data generator did not write"):
+        generate(foreign, num_images=9, workers=1)
+    assert snapshot(foreign) == {"a.jpg": hashlib.sha256(b"x").hexdigest()}
+    result = subprocess.run([sys.executable, "-m", "kamal_attr.synthetic", "--out", str(foreign),
+                             "--num_images", "9"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and (foreign / "a.jpg").exists()
+
+
+def test_leftovers_of_a_killed_generator_are_removed_and_foreign_lookalikes_kept(tmp_path):
+    ours = tmp_path / ".synthetic.partial-abc"
+    ours.mkdir()
+    (ours / MARKER).write_text("{}")
+    theirs = tmp_path / ".synthetic.partial-xyz"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("not ours")
+    generate(tmp_path / "synthetic", num_images=9, workers=1)
+    assert not ours.exists() and (theirs / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".synthetic.partial-xyz", "synthetic"]
+
+
+def call(script, argv: list[str], capsys) -> tuple[int, str]:
+    """Run a script's command line in this process as ``python script ...`` would."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(lambda: script.main(script.get_args_parser().parse_args(argv)))
+        sys.exit(0)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+BAD = [
+    (train, ["--lr", "-1"], "argument --lr: must be a finite number in (0, 1], got -1"),
+    (train, ["--lr", "nan"], "argument --lr: must be a finite number in (0, 1], got nan"),
+    (train, ["--lr", "0"], "argument --lr: must be a finite number in (0, 1], got 0"),
+    (train_sourcenet, ["--lr", "inf"], "argument --lr: must be a finite number"),
+    (train, ["--image_size", "1"], "argument --image_size: must be >= 32"),
+    (train, ["--width", "1"], "argument --width: must be >= 2"),
+    (train, ["--batch_size", "1"], "argument --batch_size: must be >= 2"),
+    (train, ["--target_epoch", "0"], "argument --target_epoch: must be >= 1"),
+    (train_sourcenet, ["--epochs", "-3"], "argument --epochs: must be >= 1"),
+    (train_sourcenet, ["--workers", "-1"], "argument --workers: must be >= 0"),
+    (train_sourcenet, ["--seed", "-5"], "argument --seed: must be in"),
+    (evaluate, ["--sorce_saveEpoch", "x"], "argument --sorce_saveEpoch/--source_save_epoch: expected a whole number"),
+    (train, ["--device", "cuda:7"], "--device cuda:7: "),
+    (train, ["--device", "tpu"], "--device 'tpu' is not a torch device"),
+    (train, ["--target_attribute", "nose"], "unknown group 'nose'"),
+    (evaluate, ["--target_attribute", "Eye"], "unknown group 'Eye'. Did you mean 'eye'?"),
+    (train_sourcenet, ["--target_attribute", "Blak_Hair"], "Did you mean 'Black_Hair'?"),
+    (train_sourcenet, ["--target_attribute", "Black_Hair", "--source_id", "9"], "its source ids are [1, 2]"),
+    (train_sourcenet, ["--attributes", "Male", "Beard"], "unknown attribute 'Beard'"),
+    (train_sourcenet, ["--train_part", "4/3"], "--train_part 4/3: need 1 <= k <= P"),
+    (train_sourcenet, ["--optimizer", "lbfgs"], "argument --optimizer: invalid choice"),
+]
+
+
+@pytest.mark.parametrize("script, flags, message", BAD, ids=[" ".join(f) for _, f, _ in BAD])
+def test_bad_flags_stop_with_one_line_and_write_nothing(tmp_path, capsys, script, flags, message):
+    argv = ["--save_root", str(tmp_path / "out"), "--data_root", str(tmp_path / "data")]
+    argv += ["--pretrained", "none"] if script is train_sourcenet else []
+    code, err = call(script, argv + flags, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
+
+def test_real_preset_without_imagenet_weights_is_an_error(tmp_path, capsys):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    code, err = call(train_sourcenet, ["--save_root", str(tmp_path / "out"), "--weights_dir",
+                                       str(weights), "--device", "cpu"], capsys)
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert f"no ImageNet ResNet-18 weights in {weights}: put torchvision's resnet18-f37072fd.pth " \
+           "there, or pass --pretrained none" in err
