@@ -12,7 +12,7 @@ from pathlib import Path
 from kamal_attr.attributes import check_group
 from kamal_attr.cli import ArgumentParser, run
 from kamal_attr.config import add_amalgamation_args, add_common_args, resolve_config
-from kamal_attr.evaluation import evaluate_checkpoint, report_group
+from kamal_attr.evaluation import evaluate_checkpoint, locate_nets, report_group
 from kamal_attr.runtime import demo_data_needed, ensure_data, setup_logging
 
 
@@ -36,6 +36,8 @@ def main(args: argparse.Namespace) -> None:
     group = check_group(args.target_attribute)
     cfg = resolve_config(args)
     demo_data_needed(cfg)
+    if not args.checkpoint:
+        locate_nets(group, cfg)  # an epoch that was not saved: stop before writing anything
     setup_logging(cfg.log_dir)
     ensure_data(cfg)
     if not args.checkpoint:

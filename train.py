@@ -45,11 +45,11 @@ def main(args: argparse.Namespace) -> None:
     setup_logging(cfg.log_dir)
     ensure_data(cfg)
     if cfg.demo:  # the one-command demo: make whatever teachers are missing
-        # The teachers stand in for published nets: the demo's own width and epochs, whatever
-        # the student's --width (and up to --sorce_saveEpoch if that is later).
+        # The teachers stand in for published nets: the demo preset's, whatever the student's
+        # --width, --lr or --batch_size (a --sorce_saveEpoch they lack is reported as such).
         demo_sources = dataclasses.replace(
-            cfg, width=DEMO.width, source_epochs=max(cfg.source_epochs, cfg.source_save_epoch),
-            overwrite=False)
+            cfg, width=DEMO.width, batch_size=DEMO.batch_size, source_epochs=DEMO.source_epochs,
+            source_optim=dataclasses.replace(DEMO.source_optim), overwrite=False)
         for spec in source_nets_of(group):
             train_source_net(spec, demo_sources)
     data = GroupData(group, cfg)  # decoded once, shared by the components and the target

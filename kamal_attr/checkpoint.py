@@ -52,6 +52,19 @@ def available_epochs(folder: Path) -> list[int]:
     return sorted(int(p.stem[6:]) for p in folder.glob("epoch_*.pth") if p.stem[6:].isdigit())
 
 
+def saved_epoch(folder: Path, epoch: int, flag: str) -> Path | None:
+    """``epoch_NNN.pth`` in ``folder``; ``None`` if the net was never trained (no epoch file);
+    an error listing the epochs there if it was, but not to ``epoch`` (a wrong ``flag``)."""
+    path = epoch_file(folder, epoch)
+    if path.exists():
+        return path
+    epochs = available_epochs(folder)
+    if epochs:
+        raise KamalError(f"{path} does not exist; {folder} has epochs "
+                         f"{', '.join(map(str, epochs))}: pass one with {flag}")
+    return None
+
+
 def source_dir(root: str | Path, spec: SourceNetSpec) -> Path:
     return Path(root) / spec.group / spec.name
 
@@ -134,12 +147,14 @@ class TrainingPlan:
     resume: dict[str, Any] | None = None
 
 
-def _stale(name: str, path: Path, old: Mapping[str, Any], new: Mapping[str, Any],
+def _stale(name: str, path: Path, ckpt: Mapping[str, Any], new: Mapping[str, Any],
            retrain: str) -> KamalError:
-    differs = "; ".join(recipe_diff(old, new)) or "no recipe recorded (an older checkpoint)"
-    return KamalError(f"{name}: {path} was made by another recipe (checkpoint -> this run: "
-                      f"{differs}); rerun with "
-                      f"{retrain} --overwrite to retrain it, or pass another --save_root")
+    if "recipe" in ckpt:
+        why = f"was made by another recipe (checkpoint -> this run: {'; '.join(recipe_diff(ckpt['recipe'], new))})"
+    else:
+        why = "records no recipe (made by an older version of this project)"
+    return KamalError(f"{name}: {path} {why}; to retrain it run {retrain} with --overwrite, "
+                      "or pass another --save_root")
 
 
 def _remove_killed_writes(out_dir: Path) -> None:
@@ -153,10 +168,11 @@ def clear_net(out_dir: Path) -> None:
     ``last.pth`` that load as this project's checkpoints, and temporary files of killed
     writes. Anything else there is refused, never deleted."""
     _remove_killed_writes(out_dir)
-    for path in sorted(out_dir.glob("epoch_*.pth")) + [out_dir / "last.pth"]:
-        if path.exists():
-            load_checkpoint(path)  # raises unless it is ours
-            path.unlink()
+    ours = [p for p in sorted(out_dir.glob("epoch_*.pth")) + [out_dir / "last.pth"] if p.exists()]
+    for path in ours:  # all proven ours before the first is removed
+        load_checkpoint(path)
+    for path in ours:
+        path.unlink()
 
 
 def plan_training(out_dir: Path, epochs: int, recipe: Mapping[str, Any], overwrite: bool,
@@ -178,13 +194,13 @@ def plan_training(out_dir: Path, epochs: int, recipe: Mapping[str, Any], overwri
     if last_path.exists():
         last = load_checkpoint(last_path)
         if last.get("fingerprint") != want:
-            raise _stale(name, last_path, last.get("recipe", {}), recipe, retrain)
+            raise _stale(name, last_path, last, recipe, retrain)
         if last["epoch"] < epochs:
             return TrainingPlan(out_dir, final, done=False, start_epoch=last["epoch"] + 1, resume=last)
     if final.exists():
         ckpt = load_checkpoint(final)
         if ckpt.get("fingerprint") != want:
-            raise _stale(name, final, ckpt.get("recipe", {}), recipe, retrain)
+            raise _stale(name, final, ckpt, recipe, retrain)
         return TrainingPlan(out_dir, final, done=True)
     return TrainingPlan(out_dir, final, done=False)
 

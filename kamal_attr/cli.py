@@ -25,7 +25,8 @@ def run(main: Callable[[], None]) -> None:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; finished checkpoints are kept", file=sys.stderr)
+        print("interrupted; saved epochs are kept: rerun the same command to resume",
+              file=sys.stderr)
         sys.exit(130)
 
 

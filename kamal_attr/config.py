@@ -49,7 +49,8 @@ def learning_rate(text: str) -> float:
 
 #: Flag value ranges, checked at parse time. 32 px is the smallest input whose layer4 map
 #: is not empty; bridges map a tap of C channels to C/2, so a width below 2 has none; a
-#: training batch of one breaks BatchNorm; numpy seeds are below 2**32.
+#: training batch of one breaks BatchNorm; numpy seeds are below 2**32, and source net k
+#: trains with seed + 1000 k (k <= 99 leaves room for any pool).
 POSITIVE = bounded_int(1)
 IMAGE_SIZE = bounded_int(32, why=" (ResNet-18 downsamples by 32)")
 WIDTH = bounded_int(2, why=" (bridges halve the channels)")

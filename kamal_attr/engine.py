@@ -103,7 +103,7 @@ def train_one_epoch(method: Method, loader: DataLoader, optimizer: torch.optim.O
     if not finite.all():
         step = int((~finite).nonzero()[0])
         raise KamalError(f"{desc}: loss is {step_losses[step].item()} at epoch {epoch} step "
-                         f"{step}; lower --lr (no checkpoint of this epoch was written)")
+                         f"{step} (this epoch was not saved); lower --lr and add --overwrite")
     stats = {k: v.item() / seen for k, v in sums.items()}
     stats["img/s"] = seen / (time.perf_counter() - start)
     return stats

@@ -13,7 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from . import KamalError
 from .attributes import GROUPS, source_nets_of
-from .checkpoint import available_epochs, component_dir, epoch_file, load_net, source_dir, target_dir
+from .checkpoint import component_dir, load_net, saved_epoch, source_dir, target_dir
 from .config import RunConfig
 from .engine import accuracy_per_head, predict
 from .losses import entropy_impurity, route_by_entropy
@@ -43,15 +43,20 @@ def _by_style(styles: list[str], ids: list[str], logits: torch.Tensor, entropies
     return out
 
 
-def _checkpoint(folder: Path, epoch: int, flag: str) -> Path | None:
-    """``epoch_NNN.pth`` in ``folder``; ``None`` if the net was never trained (no epoch file);
-    an error listing the epochs there if it was, but not to ``epoch`` (a wrong ``flag``)."""
-    path = epoch_file(folder, epoch)
-    epochs = available_epochs(folder)
-    if path.exists() or not epochs:
-        return path if path.exists() else None
-    raise KamalError(f"{path} does not exist; {folder} has epochs "
-                     f"{', '.join(map(str, epochs))}: pass one with {flag}")
+def locate_nets(group: str, cfg: RunConfig) -> dict[str, Any]:
+    """The checkpoint of every net of ``group`` that this run's flags name: ``sources``
+    (attribute -> [(spec, path)]), ``components`` (attribute -> path) and ``target``; a path
+    is ``None`` for a net never trained. Raises, before anything is written, for an epoch
+    that a trained net does not have (listing those it has)."""
+    return {
+        "sources": {a: [(s, saved_epoch(source_dir(cfg.sources_root, s), cfg.source_save_epoch,
+                                        "--sorce_saveEpoch")) for s in source_nets_of(group, a)]
+                    for a in GROUPS[group]},
+        "components": {a: saved_epoch(component_dir(cfg.components_root, group, cfg.variant, a),
+                                      cfg.component_epochs, "--component_saveEpoch")
+                       for a in GROUPS[group]},
+        "target": saved_epoch(target_dir(cfg.target_root, group, cfg.variant), cfg.target_epochs,
+                              "--target_epoch")}
 
 
 def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
@@ -75,8 +80,8 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
                              f"{cfg.data_root}; real CelebA has no photo styles")
         styles = [style_of.get(f.name, "?") for f in test_data.files]
     data = eval_loader(cfg, test_data)
-    target_path = _checkpoint(target_dir(cfg.target_root, group, cfg.variant), cfg.target_epochs,
-                              "--target_epoch")
+    nets = locate_nets(group, cfg)
+    target_path = nets["target"]
     target_logits = None
     if target_path is not None:
         net, _ = load_net(target_path, kind="target", image_size=cfg.image_size)
@@ -89,11 +94,9 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
     for j, attribute in enumerate(attributes):
         row: dict[str, Any] = {"sources": {}}
         ids, logits, entropies = [], [], []
-        for spec in source_nets_of(group, attribute):
-            folder = source_dir(cfg.sources_root, spec)
-            path = _checkpoint(folder, cfg.source_save_epoch, "--sorce_saveEpoch")
+        for spec, path in nets["sources"][attribute]:
             if path is None:
-                log.warning("no source net in %s", folder)
+                log.warning("no source net in %s", source_dir(cfg.sources_root, spec))
                 row["sources"][str(spec.source_id)] = None
                 continue
             net, _ = load_net(path, kind="source", attribute=attribute, image_size=cfg.image_size)
@@ -121,14 +124,14 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
                 row["by_style"] = _by_style(styles, ids, logits, entropies, pick, labels[:, j])
         else:
             row["min_entropy"] = None
-        folder = component_dir(cfg.components_root, group, cfg.variant, attribute)
-        path = _checkpoint(folder, cfg.component_epochs, "--component_saveEpoch")
+        path = nets["components"][attribute]
         if path is not None:
             net, _ = load_net(path, kind="component", attribute=attribute, image_size=cfg.image_size)
             out, _ = predict(net, data, device, desc=f"component {attribute}")
             row["component"] = _accuracy(out[:, 0], labels[:, j])
         else:
-            log.warning("no component net in %s", folder)
+            log.warning("no component net in %s",
+                        component_dir(cfg.components_root, group, cfg.variant, attribute))
             row["component"] = None
         row["target"] = None if target_logits is None else _accuracy(target_logits[:, j], labels[:, j])
         result["attributes"][attribute] = row

@@ -8,6 +8,7 @@ resume after a kill, and the same crops in any number of loader workers.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -80,6 +81,16 @@ def ensure_data(cfg: RunConfig) -> None:
     if demo_data_needed(cfg):
         log.info("demo: generating the synthetic dataset in %s (once)", cfg.data_root)
         generate(cfg.data_root)
+
+
+def data_digest(root: Path) -> str:
+    """SHA-256 (16 hex digits) of a dataset's attribute and partition lists: a dataset
+    regenerated or replaced in the same folder makes the nets trained on it stale."""
+    layout = find_celeba(root)
+    h = hashlib.sha256()
+    for path in (layout.attr_file, layout.partition_file):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def dataset(cfg: RunConfig, split: str, attributes: Sequence[str], train: bool = False,

@@ -21,14 +21,14 @@ from torch.utils.tensorboard import SummaryWriter
 from . import KamalError
 from .attributes import GROUPS, SourceNetSpec, source_nets_of
 from .celeba import CelebA
-from .checkpoint import (TrainingPlan, atomic_save, available_epochs, component_dir, epoch_file, fingerprint,
+from .checkpoint import (TrainingPlan, atomic_save, component_dir, saved_epoch, epoch_file, fingerprint,
                          load_net, net_record, plan_training, source_dir, target_dir, weights_digest)
 from .config import RunConfig
 from .engine import OptimConfig, build_optimizer, build_scheduler, fit, place
 from .methods import Method, SelectiveAmalgamation, SourceTraining, TargetAmalgamation
 from .models import AttributeResNet, build_model, describe_init
 from .routing import compute_routing, write_routing
-from .runtime import dataset, eval_loader, open_writer, seed_everything, train_loader
+from .runtime import data_digest, dataset, eval_loader, open_writer, seed_everything, train_loader
 
 log = logging.getLogger("kamal_attr")
 
@@ -57,7 +57,8 @@ def make_recipe(cfg: RunConfig, stage: str, optim: OptimConfig, epochs: int, see
     Left out on purpose: the device, loader workers and output folders (they change where
     and how fast, not what is learnt)."""
     recipe = {"stage": stage, "arch": "resnet18", "image_size": cfg.image_size,
-              "data_root": str(Path(cfg.data_root).resolve()), "seed": seed,
+              "data_root": str(Path(cfg.data_root).resolve()), "data": data_digest(cfg.data_root),
+              "seed": seed,
               "batch_size": cfg.batch_size, "optim": asdict(optim), "epochs": epochs, **specific}
     return json.loads(json.dumps(recipe))
 
@@ -106,12 +107,14 @@ def train_net(method: Method, plan: TrainingPlan, recipe: dict[str, Any], cfg: R
     return plan.final
 
 
-def _retrain_source(cfg: RunConfig) -> str:
-    return "python train_sourcenet.py" + (" --demo" if cfg.demo else "")
+def _retrain_source(cfg: RunConfig, spec: SourceNetSpec) -> str:
+    which = (f"--attributes {' '.join(spec.attributes)} --name {spec.label}" if spec.label
+             else f"--target_attribute {spec.component} --source_id {spec.source_id}")
+    return f"python train_sourcenet.py{' --demo' if cfg.demo else ''} {which} (and the flags it was trained with)"
 
 
-def _retrain_amalgamation(cfg: RunConfig) -> str:
-    return "python train.py" + (" --demo" if cfg.demo else "")
+#: The hint of a stale component or target net: the user's own command retrains it.
+RETRAIN_AMALGAMATION = "this train.py command"
 
 
 def source_part(cfg: RunConfig, spec: SourceNetSpec,
@@ -136,7 +139,7 @@ def train_source_net(spec: SourceNetSpec, cfg: RunConfig,
                          train_part=list(part) if part else None, init=init)
     name = f"{spec.group}/{spec.name}"
     plan = plan_training(source_dir(cfg.sources_root, spec), cfg.source_epochs, recipe,
-                         cfg.overwrite, name, _retrain_source(cfg))
+                         cfg.overwrite, name, _retrain_source(cfg, spec))
     if plan.done:
         log.info("%s: %s exists, reusing it (same recipe; --overwrite retrains)", name, plan.final)
         return plan.final
@@ -165,12 +168,13 @@ def source_checkpoints(group: str, component: str, cfg: RunConfig) -> list[tuple
                  f" --image_size {cfg.image_size}")
         lines = []
         for s, p in missing:
-            epochs = available_epochs(p.parent)
-            lines.append(f"  {p}\n    " + (
-                f"that folder has epochs {', '.join(map(str, epochs))}: pick one with --sorce_saveEpoch"
-                if epochs else
-                f"make it with: python train_sourcenet.py{demo} --target_attribute {s.component} "
-                f"--source_id {s.source_id} --epochs {cfg.source_save_epoch}{where}"))
+            try:
+                saved_epoch(p.parent, cfg.source_save_epoch, "--sorce_saveEpoch")
+                how = (f"make it with: python train_sourcenet.py{demo} --target_attribute "
+                       f"{s.component} --source_id {s.source_id} --epochs {cfg.source_save_epoch}{where}")
+            except KamalError as e:
+                how = str(e).split("; ", 1)[1]
+            lines.append(f"  {p}\n    {how}")
         raise KamalError(f"{len(missing)} source net(s) of {component} missing "
                          f"(epoch {cfg.source_save_epoch}, --sorce_saveEpoch):\n" + "\n".join(lines))
     return found
@@ -200,7 +204,7 @@ def train_component(group: str, component: str, cfg: RunConfig,
     name = f"component {group}/{component}"
     plan = plan_training(component_dir(cfg.components_root, group, cfg.variant, component),
                          cfg.component_epochs, recipe, cfg.overwrite, name,
-                         _retrain_amalgamation(cfg))
+                         RETRAIN_AMALGAMATION)
     if plan.done:
         log.info("%s: %s exists, reusing it (same recipe)", name, plan.final)
         return plan.final
@@ -233,10 +237,11 @@ def train_target(group: str, cfg: RunConfig, data: GroupData | None = None) -> P
     attributes = GROUPS[group]
     components, digests, paths = [], {}, []
     for attribute in attributes:
-        path = epoch_file(component_dir(cfg.components_root, group, cfg.variant, attribute),
-                          cfg.component_epochs)
-        if not path.exists():
-            raise KamalError(f"component net {path} missing; train it with: python train.py "
+        folder = component_dir(cfg.components_root, group, cfg.variant, attribute)
+        path = saved_epoch(folder, cfg.component_epochs, "--component_saveEpoch")
+        if path is None:
+            raise KamalError(f"component net {epoch_file(folder, cfg.component_epochs)} missing; "
+                             f"train it with: python train.py "
                              f"--target_attribute {group} --stage component"
                              + (" --demo" if cfg.demo else ""))
         net, _ = load_net(path, kind="component", attribute=attribute, image_size=cfg.image_size)
@@ -249,7 +254,7 @@ def train_target(group: str, cfg: RunConfig, data: GroupData | None = None) -> P
                          feature_loss=cfg.feature_loss, components=digests)
     name = f"target {group}"
     plan = plan_training(target_dir(cfg.target_root, group, cfg.variant), cfg.target_epochs,
-                         recipe, cfg.overwrite, name, _retrain_amalgamation(cfg))
+                         recipe, cfg.overwrite, name, RETRAIN_AMALGAMATION)
     if plan.done:
         log.info("%s: %s exists, reusing it (same recipe)", name, plan.final)
         return plan.final

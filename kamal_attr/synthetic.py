@@ -20,7 +20,6 @@ Run ``python -m kamal_attr.synthetic --out data/synthetic`` to write one.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import multiprocessing
@@ -35,6 +34,8 @@ from tqdm import tqdm
 
 from . import KamalError
 from .attributes import CELEBA_ATTRIBUTES
+from .cli import ArgumentParser, run
+from .config import bounded_int
 
 WIDTH, HEIGHT = 178, 218
 STYLES = ("studio", "dim", "vintage")
@@ -402,6 +403,18 @@ def is_ours(folder: str | Path) -> bool:
     return (Path(folder) / MARKER).is_file()
 
 
+def _drawing(folder: Path) -> bool:
+    """Whether the process that marked ``folder`` still runs (another generator drawing
+    into it now), so that only leftovers of killed runs are removed."""
+    try:
+        os.kill(int(json.loads((folder / MARKER).read_text())["pid"]), 0)
+    except (ValueError, KeyError, TypeError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def check_writable(out: str | Path) -> None:
     """Refuse (one line naming the folder) unless ``out`` is missing, empty or ours."""
     out = Path(out)
@@ -425,7 +438,7 @@ def generate(out: str | Path, num_images: int = 8000, seed: int = 0,
     check_writable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for leftover in out.parent.glob(f".{out.name}.partial-*"):
-        if is_ours(leftover):
+        if is_ours(leftover) and not _drawing(leftover):
             shutil.rmtree(leftover)
     rng = np.random.default_rng(seed)
     faces = sample_faces(num_images, rng)
@@ -437,7 +450,8 @@ def generate(out: str | Path, num_images: int = 8000, seed: int = 0,
     names = [f"{i + 1:06d}.jpg" for i in range(num_images)]
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    (tmp / MARKER).write_text(json.dumps({"num_images": num_images, "seed": seed}) + "\n")
+    (tmp / MARKER).write_text(json.dumps({"num_images": num_images, "seed": seed,
+                                          "pid": os.getpid()}) + "\n")
     (tmp / "img_align_celeba").mkdir()
     keys = list(faces)
     jobs = [(i, {k: (int(faces[k][i]) if faces[k].dtype != bool else bool(faces[k][i]))
@@ -483,19 +497,16 @@ def read_styles(root: str | Path) -> dict[str, str] | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Write the synthetic CelebA-format face dataset.")
+    p = ArgumentParser(description="Write the synthetic CelebA-format face dataset.")
     p.add_argument("--out", default="data/synthetic",
                    help="output folder: new, empty, or one this generator wrote (replaced)")
-    p.add_argument("--num_images", type=int, default=8000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None, help="drawing processes (default: cores)")
+    p.add_argument("--num_images", type=bounded_int(9, why=" (train, val and test need images)"),
+                   default=8000)
+    p.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0)
+    p.add_argument("--workers", type=bounded_int(1), default=None,
+                   help="drawing processes (default: cores)")
     args = p.parse_args(argv)
-    if args.num_images < 9:
-        p.error("--num_images must be at least 9 (train, val and test need images)")
-    try:
-        print(f"wrote {generate(args.out, args.num_images, args.seed, args.workers)}")
-    except KamalError as e:
-        p.exit(2, f"error: {e}\n")
+    run(lambda: print(f"wrote {generate(args.out, args.num_images, args.seed, args.workers)}"))
 
 
 if __name__ == "__main__":

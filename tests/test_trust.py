@@ -1,5 +1,7 @@
 """User data is never touched, and bad flags or inputs stop with one line, writing nothing."""
 import hashlib
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,9 +106,13 @@ def test_leftovers_of_a_killed_generator_are_removed_and_foreign_lookalikes_kept
     theirs = tmp_path / ".synthetic.partial-xyz"
     theirs.mkdir()
     (theirs / "keep.txt").write_text("not ours")
+    drawing = tmp_path / ".synthetic.partial-now"  # another generator, still running, draws here
+    drawing.mkdir()
+    (drawing / MARKER).write_text(json.dumps({"pid": os.getpid()}))
     generate(tmp_path / "synthetic", num_images=9, workers=1)
-    assert not ours.exists() and (theirs / "keep.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".synthetic.partial-xyz", "synthetic"]
+    assert not ours.exists() and (theirs / "keep.txt").exists() and drawing.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".synthetic.partial-now", ".synthetic.partial-xyz", "synthetic"]
 
 
 def call(script, argv: list[str], capsys) -> tuple[int, str]:
