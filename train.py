@@ -20,7 +20,8 @@ from kamal_attr.config import (DEMO, WIDTH, add_amalgamation_args, add_common_ar
                                learning_rate, resolve_config)
 from kamal_attr.evaluation import report_group
 from kamal_attr.runtime import demo_data_needed, ensure_data, setup_logging
-from kamal_attr.stages import GroupData, train_component, train_source_net, train_target
+from kamal_attr.stages import (GroupData, source_checkpoints, train_component, train_source_net,
+                               train_target)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -42,6 +43,9 @@ def main(args: argparse.Namespace) -> None:
     group = check_group(args.target_attribute)
     cfg = resolve_config(args)
     demo_data_needed(cfg)  # refuses a folder it must not write to, before anything is written
+    if args.stage in ("component", "all") and not cfg.demo:
+        for attribute in GROUPS[group]:  # missing teachers, too, stop the run before that
+            source_checkpoints(group, attribute, cfg)
     setup_logging(cfg.log_dir)
     ensure_data(cfg)
     if cfg.demo:  # the one-command demo: make whatever teachers are missing

@@ -180,6 +180,7 @@ def test_missing_source_names_file_and_command(tmp_path, synthetic_root):
         + common(tmp_path, synthetic_root))
     with pytest.raises(KamalError) as info:
         train.main(args)
+    assert not (tmp_path / "run").exists()  # stopped before anything was written
     message = str(info.value)
     assert "source1_Bags_Under_Eyes/epoch_003.pth" in message
     assert "python train_sourcenet.py --target_attribute Bags_Under_Eyes --source_id 1 --epochs 3" in message
