@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -36,8 +35,6 @@ from . import KamalError
 from .attributes import SourceNetSpec
 from .celeba import IMAGENET_MEAN, IMAGENET_STD
 from .models import AttributeResNet
-
-log = logging.getLogger(__name__)
 
 FORMAT = "kamal_attr/1"
 KINDS = ("source", "component", "target")
@@ -52,16 +49,21 @@ def available_epochs(folder: Path) -> list[int]:
     return sorted(int(p.stem[6:]) for p in folder.glob("epoch_*.pth") if p.stem[6:].isdigit())
 
 
+def other_epochs(folder: Path, flag: str) -> str | None:
+    """``'<folder> has epochs 1, 2: pass one with <flag>'``, or ``None`` if it has none."""
+    epochs = available_epochs(folder)
+    return f"{folder} has epochs {', '.join(map(str, epochs))}: pass one with {flag}" if epochs else None
+
+
 def saved_epoch(folder: Path, epoch: int, flag: str) -> Path | None:
     """``epoch_NNN.pth`` in ``folder``; ``None`` if the net was never trained (no epoch file);
     an error listing the epochs there if it was, but not to ``epoch`` (a wrong ``flag``)."""
     path = epoch_file(folder, epoch)
     if path.exists():
         return path
-    epochs = available_epochs(folder)
-    if epochs:
-        raise KamalError(f"{path} does not exist; {folder} has epochs "
-                         f"{', '.join(map(str, epochs))}: pass one with {flag}")
+    others = other_epochs(folder, flag)
+    if others:
+        raise KamalError(f"{path} does not exist; {others}")
     return None
 
 

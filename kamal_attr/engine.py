@@ -110,30 +110,27 @@ def train_one_epoch(method: Method, loader: DataLoader, optimizer: torch.optim.O
 
 
 def predict_many(models: Sequence[nn.Module], loader: DataLoader, device: torch.device,
-                 desc: str = "predict") -> list[torch.Tensor]:
-    """Logits ``(N, heads, 2)`` of each model over one pass of ``loader``, on the CPU: every
-    batch is read (decoded) once and run through all models."""
+                 desc: str = "predict") -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Logits ``(N, heads, 2)`` of each model (moved to ``device``, in eval mode) over one
+    pass of ``loader``, and the labels, on the CPU: every batch is read (decoded) once and
+    run through all models."""
     models = [place(m, device).eval() for m in models]  # outside inference mode: params stay normal
     logits: list[list[torch.Tensor]] = [[] for _ in models]
+    labels = []
     with torch.inference_mode():
-        for images, _, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+        for images, y, _ in tqdm(loader, desc=desc, leave=False, disable=None):
             images = place_images(images, device)
             for out, model in zip(logits, models):
                 out.append(model(images).float().cpu())
-    return [torch.cat(out) for out in logits]
+            labels.append(y)
+    return [torch.cat(out) for out in logits], torch.cat(labels)
 
 
 def predict(model: nn.Module, loader: DataLoader, device: torch.device,
             desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``(N, heads, 2)`` of ``model`` (moved to ``device``, in eval mode) over
-    ``loader`` and the labels, on the CPU."""
-    place(model, device).eval()  # outside inference mode: parameters stay normal tensors
-    logits, labels = [], []
-    with torch.inference_mode():
-        for images, y, _ in tqdm(loader, desc=desc, leave=False, disable=None):
-            logits.append(model(place_images(images, device)).float().cpu())
-            labels.append(y)
-    return torch.cat(logits), torch.cat(labels)
+    """Logits ``(N, heads, 2)`` of one model over ``loader`` and the labels, on the CPU."""
+    (logits,), labels = predict_many([model], loader, device, desc)
+    return logits, labels
 
 
 def accuracy_per_head(logits: torch.Tensor, labels: torch.Tensor,
@@ -162,7 +159,9 @@ def fit(method: Method, train_loader: DataLoader, val_loader: DataLoader,
 
     ``train_loader.sampler`` must have ``set_epoch`` (:class:`kamal_attr.runtime.EpochShuffle`):
     each epoch's data order and augmentation depend on the seed and the epoch only, so a
-    run resumed at ``start_epoch`` continues exactly as an uninterrupted one. Per epoch: train, step the scheduler, evaluate the student on ``val_loader``, log to
+    run resumed at ``start_epoch`` continues exactly as an uninterrupted one.
+
+    Per epoch: train, step the scheduler, evaluate the student on ``val_loader``, log to
     TensorBoard (``loss/<part>``, ``acc/val/<attribute>``, ``lr``, ``img_per_s``) and to the
     plain log, then call ``on_epoch_end(epoch, val_accuracy)`` (which saves the checkpoint).
     """

@@ -8,7 +8,6 @@ attribute, stored as one ``Linear(C, 2 * n)`` whose output is viewed as ``(B, n,
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -18,8 +17,6 @@ from torchvision.models.resnet import BasicBlock
 
 from . import KamalError
 from .attributes import check_attribute
-
-log = logging.getLogger(__name__)
 
 #: The five feature taps of METHOD.md: conv1's output and the four stages.
 TAP_LAYERS: tuple[str, ...] = ("conv1", "layer1", "layer2", "layer3", "layer4")

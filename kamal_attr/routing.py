@@ -39,7 +39,7 @@ def compute_routing(teachers: Sequence[AttributeResNet], component: str, data: C
     Always scored on the un-augmented (eval) view of ``data``, whatever view it is given, so
     routing is deterministic; all teachers see each batch in one pass over the split.
     """
-    logits = predict_many(teachers, eval_loader(cfg, data), torch.device(cfg.device),
+    logits, _ = predict_many(teachers, eval_loader(cfg, data), torch.device(cfg.device),
                           desc="routing")
     entropies = torch.stack([entropy_impurity(z[:, t.attributes.index(component)])
                              for z, t in zip(logits, teachers)], dim=1)

@@ -21,8 +21,9 @@ from torch.utils.tensorboard import SummaryWriter
 from . import KamalError
 from .attributes import GROUPS, SourceNetSpec, source_nets_of
 from .celeba import CelebA
-from .checkpoint import (TrainingPlan, atomic_save, component_dir, saved_epoch, epoch_file, fingerprint,
-                         load_net, net_record, plan_training, source_dir, target_dir, weights_digest)
+from .checkpoint import (TrainingPlan, atomic_save, component_dir, epoch_file, fingerprint, load_net,
+                         net_record, other_epochs, plan_training, saved_epoch, source_dir,
+                         target_dir, weights_digest)
 from .config import RunConfig
 from .engine import OptimConfig, build_optimizer, build_scheduler, fit, place
 from .methods import Method, SelectiveAmalgamation, SourceTraining, TargetAmalgamation
@@ -168,12 +169,9 @@ def source_checkpoints(group: str, component: str, cfg: RunConfig) -> list[tuple
                  f" --image_size {cfg.image_size}")
         lines = []
         for s, p in missing:
-            try:
-                saved_epoch(p.parent, cfg.source_save_epoch, "--sorce_saveEpoch")
-                how = (f"make it with: python train_sourcenet.py{demo} --target_attribute "
-                       f"{s.component} --source_id {s.source_id} --epochs {cfg.source_save_epoch}{where}")
-            except KamalError as e:
-                how = str(e).split("; ", 1)[1]
+            how = other_epochs(p.parent, "--sorce_saveEpoch") or (
+                f"make it with: python train_sourcenet.py{demo} --target_attribute "
+                f"{s.component} --source_id {s.source_id} --epochs {cfg.source_save_epoch}{where}")
             lines.append(f"  {p}\n    {how}")
         raise KamalError(f"{len(missing)} source net(s) of {component} missing "
                          f"(epoch {cfg.source_save_epoch}, --sorce_saveEpoch):\n" + "\n".join(lines))
