@@ -12,8 +12,9 @@ from pathlib import Path
 from kamal_attr.attributes import check_group
 from kamal_attr.cli import ArgumentParser, run
 from kamal_attr.config import add_amalgamation_args, add_common_args, resolve_config
+from kamal_attr.distributed import is_main_process
 from kamal_attr.evaluation import evaluate_checkpoint, locate_nets, report_group
-from kamal_attr.runtime import demo_data_needed, ensure_data, setup_logging
+from kamal_attr.runtime import demo_data_needed, ensure_data, start
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -38,8 +39,10 @@ def main(args: argparse.Namespace) -> None:
     demo_data_needed(cfg)
     if not args.checkpoint:
         locate_nets(group, cfg)  # an epoch that was not saved: stop before writing anything
-    setup_logging(cfg.log_dir)
+    start(cfg)
     ensure_data(cfg)
+    if not is_main_process():  # under torchrun, one process evaluates
+        return
     if not args.checkpoint:
         report_group(group, cfg, args.split, args.json, args.by_style)
         return

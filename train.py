@@ -18,8 +18,9 @@ from kamal_attr.attributes import GROUPS, check_group, source_nets_of
 from kamal_attr.cli import ArgumentParser, run
 from kamal_attr.config import (DEMO, WIDTH, add_amalgamation_args, add_common_args,
                                learning_rate, resolve_config)
+from kamal_attr.distributed import is_main_process
 from kamal_attr.evaluation import report_group
-from kamal_attr.runtime import demo_data_needed, ensure_data, setup_logging
+from kamal_attr.runtime import demo_data_needed, ensure_data, start
 from kamal_attr.stages import (GroupData, source_checkpoints, train_component, train_source_net,
                                train_target)
 
@@ -46,7 +47,7 @@ def main(args: argparse.Namespace) -> None:
     if args.stage in ("component", "all") and not cfg.demo:
         for attribute in GROUPS[group]:  # missing teachers, too, stop the run before that
             source_checkpoints(group, attribute, cfg)
-    setup_logging(cfg.log_dir)
+    start(cfg)
     ensure_data(cfg)
     if cfg.demo:  # the one-command demo: make whatever teachers are missing
         # The teachers stand in for published nets: the demo preset's, whatever the student's
@@ -62,7 +63,7 @@ def main(args: argparse.Namespace) -> None:
             train_component(group, attribute, cfg, data)
     if args.stage in ("target", "all"):
         train_target(group, cfg, data)
-    if cfg.demo:
+    if cfg.demo and is_main_process():
         report_group(group, cfg, json_path=cfg.log_dir / f"evaluate_{group}_{cfg.variant}.json")
 
 

@@ -14,7 +14,8 @@ from kamal_attr.cli import ArgumentParser, run
 from kamal_attr.config import (DEMO, POSITIVE, REAL, WIDTH, add_common_args, learning_rate,
                                resolve_config)
 from kamal_attr.models import describe_init
-from kamal_attr.runtime import demo_data_needed, ensure_data, setup_logging
+from kamal_attr.distributed import my_share
+from kamal_attr.runtime import demo_data_needed, ensure_data, start
 from kamal_attr.stages import train_source_net
 
 
@@ -26,7 +27,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="component attribute the source net serves (default Black_Hair)")
     g.add_argument("--source_id", type=POSITIVE, default=1, help="source id within its group (default 1)")
     g.add_argument("--all", action="store_true",
-                   help="train every source net of --group (of all groups without --group)")
+                   help="train every source net of --group (of all groups without --group); "
+                        "under torchrun each process trains its share of them")
     g.add_argument("--group", choices=["hair", "eye", "face"], help="with --all")
     g.add_argument("--attributes", nargs="+",
                    help="instead: a net on these attributes ('all' = the 40), saved as --name")
@@ -72,9 +74,12 @@ def main(args: argparse.Namespace) -> None:
         specs = [source_net(check_attribute(args.target_attribute), args.source_id)]
     describe_init(cfg.pretrained, cfg.width, cfg.weights_dir)  # missing weights: stop now
     demo_data_needed(cfg)
-    setup_logging(cfg.log_dir)
+    # Under torchrun, --all gives each process whole source nets (they are independent);
+    # one net is trained by all processes together (DistributedDataParallel).
+    spread = len(specs) > 1
+    start(cfg, independent=spread)
     ensure_data(cfg)
-    for spec in specs:
+    for spec in my_share(specs) if spread else specs:
         train_source_net(spec, cfg, part)
 
 

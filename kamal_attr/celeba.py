@@ -248,6 +248,32 @@ def load_image(path: Path) -> Image.Image:
         raise CelebAError(f"cannot decode {path}: {e}") from None
 
 
+def device_views(pixels: torch.Tensor, boxes: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Crop, resize, flip and normalise a batch of stored images on their device.
+
+    ``pixels`` ``(B, H, W, 3)`` uint8, ``boxes`` ``(B, 5)``: ``top, left, height, width``
+    (pixels) and ``flip`` (0/1), as :meth:`CelebA.view_box` draws them. Each box becomes an
+    affine sampling grid (``x -> (w/W) x + (2 left + w)/W - 1`` in ``grid_sample``'s
+    coordinates, negated for a flip) and one bilinear ``grid_sample`` resamples the whole
+    batch; returns ``(B, 3, S, S)`` float32, ImageNet-normalised, channels-last.
+    """
+    batch, height, width, _ = pixels.shape
+    images = pixels.permute(0, 3, 1, 2).float()
+    top, left, h, w, flip = boxes.float().unbind(1)
+    theta = torch.zeros(batch, 2, 3, device=pixels.device)
+    theta[:, 0, 0] = w / width * (1 - 2 * flip)
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    grid = torch.nn.functional.affine_grid(theta, [batch, 3, image_size, image_size],
+                                           align_corners=False)
+    out = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border",
+                                          align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN, device=out.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=out.device).view(1, 3, 1, 1) * 255
+    return ((out - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
 class CelebA(Dataset):
     """One split of CelebA: ``(image, labels, index)`` with labels for ``attributes``.
 
@@ -257,13 +283,16 @@ class CelebA(Dataset):
     ``index`` is the position inside this split (and ``part``), so a method can look up
     per-image data such as the entropy routing. ``part=(k, P)`` keeps the k-th of P disjoint
     contiguous blocks of the split (1-based): published teachers come from different data.
-    ``cache=True`` decodes every image once, resized to the eval size, and keeps it in memory
-    (used for the small synthetic demo; real CelebA at 224 px would need ~40 GB).
+
+    ``stored``: the dataset's decoded images in list order (:mod:`kamal_attr.imagecache`,
+    memory-mapped). Then an item is ``(pixels, labels, index, box)``: the stored uint8
+    image and the box of its view, which :func:`device_views` cuts out on the device, and
+    no JPEG is read. The box is drawn from the same generator as :class:`TrainAugment`'s.
     """
 
     def __init__(self, root: str | Path, split: str, attributes: Sequence[str],
                  image_size: int = 224, train: bool = False,
-                 part: tuple[int, int] | None = None, cache: bool = False,
+                 part: tuple[int, int] | None = None, stored: np.ndarray | None = None,
                  limit: int | None = None) -> None:
         if split not in SPLITS:
             raise CelebAError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
@@ -284,9 +313,12 @@ class CelebA(Dataset):
         if not keep:
             raise CelebAError(f"{self.layout.partition_file}: the {split} split is empty")
         self.files = [self.layout.image_dir / names[i] for i in keep]
-        absent = next((f for f in self.files if not f.exists()), None)
-        if absent is not None:
-            raise CelebAError(f"image missing: {absent} (listed in {self.layout.attr_file})")
+        self.rows = keep
+        self.stored = stored
+        if stored is None:
+            absent = next((f for f in self.files if not f.exists()), None)
+            if absent is not None:
+                raise CelebAError(f"image missing: {absent} (listed in {self.layout.attr_file})")
         columns = [CELEBA_ATTRIBUTES.index(a) for a in self.attributes]
         self.labels = torch.from_numpy(labels[keep][:, columns].astype(np.int64))
         self.image_size = image_size
@@ -294,15 +326,9 @@ class CelebA(Dataset):
         self.augment = TrainAugment(image_size)
         self.eval_view = eval_geometry(image_size)
         self.seed, self.epoch = 0, 0
-        self.cached: list[Image.Image] | None = None
-        if cache:
-            size = eval_resize(image_size)
-            self.cached = [transforms.functional.resize(load_image(f), size)
-                           for f in tqdm(self.files, desc=f"caching {split} images",
-                                         leave=False, disable=None)]
 
     def view(self, train: bool) -> "CelebA":
-        """The same images (and cache) with the train or eval view."""
+        """The same images with the train or eval view."""
         other = copy.copy(self)
         other.train = train
         return other
@@ -311,11 +337,30 @@ class CelebA(Dataset):
         """Draw the augmentation of image ``i`` from ``(seed, epoch, i)`` from now on."""
         self.seed, self.epoch = seed, epoch
 
+    def view_box(self, index: int, height: int, width: int) -> torch.Tensor:
+        """``(top, left, h, w, flip)`` of image ``index``'s view in a stored ``height x width``
+        image: a :class:`TrainAugment` draw, or the eval view's centred square (the part
+        that ``Resize(S * 256/224)`` + ``CenterCrop(S)`` keeps)."""
+        if self.train:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            top, left, h, w = self.augment.crop_box(width, height, rng)
+            return torch.tensor([top, left, h, w, float(rng.random() < 0.5)])
+        size, short = self.image_size, min(height, width)
+        resize = eval_resize(size)
+        scale = short / resize  # stored pixels per pixel of the resized image
+        resized_h, resized_w = (resize if side == short else int(resize * side / short)
+                                for side in (height, width))
+        return torch.tensor([round((resized_h - size) / 2) * scale,
+                             round((resized_w - size) / 2) * scale, size * scale, size * scale, 0.0])
+
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        image = self.cached[index] if self.cached is not None else load_image(self.files[index])
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        if self.stored is not None:
+            pixels = torch.from_numpy(np.array(self.stored[self.rows[index]]))
+            return pixels, self.labels[index], index, self.view_box(index, *pixels.shape[:2])
+        image = load_image(self.files[index])
         if self.train:
             image = self.augment(image, np.random.default_rng((self.seed, self.epoch, index)))
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -66,8 +67,7 @@ class Preset:
     width: int
     target_width: int
     batch_size: int
-    workers: int
-    cache_images: bool
+    workers: int | None  # None: the cores
     pretrained: str
     source_epochs: int
     source_save_epoch: int
@@ -82,7 +82,7 @@ class Preset:
 #: METHOD.md's settings for real CelebA (224 px, ImageNet init, 50 epochs, x0.5 at 5..25).
 REAL = Preset(
     data_root="data/CelebA", image_size=224, width=64, target_width=90, batch_size=64,
-    workers=4, cache_images=False, pretrained="auto", source_epochs=50, source_save_epoch=40,
+    workers=None, pretrained="auto", source_epochs=50, source_save_epoch=40,
     source_optim=OptimConfig("sgd", 1e-4, weight_decay=5e-4, schedule="step"),
     component_epochs=50, target_epochs=50,
     amalgamation_optim=OptimConfig("adam", 1e-4, schedule="step"),
@@ -92,7 +92,7 @@ REAL = Preset(
 #: the source nets of an attribute split the training split (style-skewed thirds) among them.
 DEMO = Preset(
     data_root="data/synthetic", image_size=64, width=16, target_width=24, batch_size=64,
-    workers=0, cache_images=True, pretrained="none", source_epochs=4, source_save_epoch=4,
+    workers=0, pretrained="none", source_epochs=4, source_save_epoch=4,
     source_optim=OptimConfig("adam", 1e-3, schedule="cosine"),
     component_epochs=4, target_epochs=6,
     amalgamation_optim=OptimConfig("adam", 1e-3, schedule="cosine"),
@@ -115,7 +115,9 @@ class RunConfig:
     target_width: int
     batch_size: int
     workers: int
-    cache_images: bool
+    cache_dir: Path
+    use_cache: bool
+    bf16: bool
     pretrained: str
     seed: int
     device: str
@@ -142,6 +144,13 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_workers() -> int:
+    """DataLoader workers: this process's share of the cores (torchrun starts one process
+    per GPU on the same cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def add_common_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by all scripts (defaults ``None``: filled from the preset)."""
     g = p.add_argument_group("data and outputs")
@@ -157,7 +166,15 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--image_size", type=IMAGE_SIZE, help="input size, >= 32 (224; demo 64)")
     g.add_argument("--batch_size", type=BATCH_SIZE, help="batch size, >= 2 (64)")
-    g.add_argument("--workers", type=WORKERS, help="DataLoader workers (4; demo 0)")
+    g.add_argument("--workers", type=WORKERS,
+                   help="DataLoader workers (default: the cores, shared by torchrun's processes; demo 0)")
+    g.add_argument("--cache_dir", help="decoded-image caches (default data/cache/, keyed by the "
+                   "dataset's lists and the image size; made by "
+                   "python -m kamal_attr.imagecache, and by the demo itself)")
+    g.add_argument("--no_cache", action="store_true",
+                   help="read the JPEGs even when a decoded-image cache exists")
+    g.add_argument("--fp32", action="store_true",
+                   help="on CUDA, train and predict in float32 (default: bfloat16 autocast)")
     g.add_argument("--seed", type=SEED, default=3256, help="seed of python, numpy, torch, loaders")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: cuda if present)")
     g.add_argument("--overwrite", action="store_true",
@@ -231,6 +248,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     source_epochs = get("epochs", preset.source_epochs)
     save_epoch = get("source_save_epoch", min(preset.source_save_epoch, source_epochs))
     data_root = Path(args.data_root) if args.data_root else REPO_ROOT / preset.data_root
+    device = check_device(args.device or default_device())
+    device_type = torch.device(device).type
     cfg = RunConfig(
         data_root=data_root,
         sources_root=out_root("sourcenets_root", "snapshot/sources"),
@@ -243,11 +262,13 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         width=get("width", preset.width),
         target_width=get("target_width", preset.target_width),
         batch_size=get("batch_size", preset.batch_size),
-        workers=get("workers", preset.workers),
-        cache_images=preset.cache_images,
+        workers=get("workers", preset.workers if preset.workers is not None else default_workers()),
+        cache_dir=base / (getattr(args, "cache_dir", None) or "data/cache"),
+        use_cache=not getattr(args, "no_cache", False),
+        bf16=device_type == "cuda" and not getattr(args, "fp32", False),
         pretrained=get("pretrained", preset.pretrained),
         seed=args.seed,
-        device=check_device(args.device or default_device()),
+        device=device,
         source_epochs=source_epochs,
         source_save_epoch=save_epoch,
         source_optim=source_optim,

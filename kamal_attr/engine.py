@@ -7,18 +7,19 @@ iteration), evaluates on the val split and hands each epoch to a checkpoint call
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from . import KamalError
+from .distributed import is_main_process, wrap
 from .methods import Method
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,22 @@ def place(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 def place_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move a batch ``(B, 3, H, W)`` to ``device`` in :data:`MEMORY_FORMAT`."""
+    """Move a batch ``(B, 3, H, W)`` to ``device`` in :data:`MEMORY_FORMAT` (a no-op for
+    the batches of :class:`kamal_attr.runtime.DeviceBatches`, which are there already)."""
     return images.to(device, memory_format=MEMORY_FORMAT, non_blocking=True)
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on CUDA when ``bf16`` (convolutions and matrix products in bf16,
+    losses and reductions in float32: no loss scaling needed); else float32."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def show_progress() -> bool | None:
+    """tqdm's ``disable``: hidden off a terminal (None) and in all but the main process."""
+    return None if is_main_process() else True
 
 
 @dataclass
@@ -52,10 +67,13 @@ class OptimConfig:
 
 
 def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD or Adam, ``fused``: one kernel updates all parameters (the per-tensor loop costs
+    more than the update itself for the many small bridge tensors; CPU and CUDA)."""
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, fused=True)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     raise KamalError(f"--optimizer must be sgd or adam, got {cfg.optimizer!r}")
 
 
@@ -68,24 +86,30 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
     raise KamalError(f"--schedule must be step or cosine, got {cfg.schedule!r}")
 
 
-def train_one_epoch(method: Method, loader: DataLoader, optimizer: torch.optim.Optimizer,
+def train_one_epoch(method: Method, loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, desc: str = "train",
-                    log_every: int = 20) -> dict[str, float]:
+                    log_every: int = 20, bf16: bool = False,
+                    step_module: nn.Module | None = None) -> dict[str, float]:
     """One pass over ``loader``; returns the mean of every loss part, ``loss`` and ``img/s``.
 
-    Losses are summed on the device and read once per ``log_every`` steps (progress bar)
-    and at the end of the epoch, so a step never waits for the host. A non-finite loss
+    Nothing in a step waits for the device: the batch's index stays on the CPU (methods
+    look up per-image data there), losses are summed on the device and read once per
+    ``log_every`` steps (progress bar) and at the end of the epoch. A non-finite loss
     stops training with the first step it appeared in, before any checkpoint is written.
+    ``step_module``: what runs the step, ``method`` itself or its
+    ``DistributedDataParallel`` wrapper.
     """
     method.train()
+    step_module = step_module or method
     sums: dict[str, torch.Tensor] = {}
     step_losses: list[torch.Tensor] = []
     seen, start = 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"{desc} epoch {epoch}", leave=False, disable=None)
+    bar = tqdm(loader, desc=f"{desc} epoch {epoch}", leave=False, disable=show_progress())
     for step, (images, labels, index) in enumerate(bar):
         images = place_images(images, device)
-        labels, index = labels.to(device, non_blocking=True), index.to(device, non_blocking=True)
-        parts = method.forward_train(images, labels, index)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, bf16):
+            parts = step_module(images, labels, index)
         loss = torch.stack(list(parts.values())).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -93,9 +117,9 @@ def train_one_epoch(method: Method, loader: DataLoader, optimizer: torch.optim.O
         n = images.shape[0]
         seen += n
         for k, v in [("loss", loss), *parts.items()]:
-            sums[k] = sums.get(k, 0.0) + v.detach() * n
+            sums[k] = sums.get(k, 0.0) + v.detach().float() * n
         step_losses.append(loss.detach())
-        if step % log_every == 0:
+        if step % log_every == 0 and bar.disable is False:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     if seen == 0:
         raise KamalError(f"{desc}: no training batch (fewer images than --batch_size?)")
@@ -109,27 +133,27 @@ def train_one_epoch(method: Method, loader: DataLoader, optimizer: torch.optim.O
     return stats
 
 
-def predict_many(models: Sequence[nn.Module], loader: DataLoader, device: torch.device,
-                 desc: str = "predict") -> tuple[list[torch.Tensor], torch.Tensor]:
+def predict_many(models: Sequence[nn.Module], loader: Iterable, device: torch.device,
+                 desc: str = "predict", bf16: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Logits ``(N, heads, 2)`` of each model (moved to ``device``, in eval mode) over one
     pass of ``loader``, and the labels, on the CPU: every batch is read (decoded) once and
     run through all models."""
     models = [place(m, device).eval() for m in models]  # outside inference mode: params stay normal
     logits: list[list[torch.Tensor]] = [[] for _ in models]
     labels = []
-    with torch.inference_mode():
-        for images, y, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+    with torch.inference_mode(), autocast(device, bf16):
+        for images, y, _ in tqdm(loader, desc=desc, leave=False, disable=show_progress()):
             images = place_images(images, device)
             for out, model in zip(logits, models):
                 out.append(model(images).float().cpu())
-            labels.append(y)
+            labels.append(y.cpu())
     return [torch.cat(out) for out in logits], torch.cat(labels)
 
 
-def predict(model: nn.Module, loader: DataLoader, device: torch.device,
-            desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, loader: Iterable, device: torch.device,
+            desc: str = "predict", bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``(N, heads, 2)`` of one model over ``loader`` and the labels, on the CPU."""
-    (logits,), labels = predict_many([model], loader, device, desc)
+    (logits,), labels = predict_many([model], loader, device, desc, bf16)
     return logits, labels
 
 
@@ -140,38 +164,45 @@ def accuracy_per_head(logits: torch.Tensor, labels: torch.Tensor,
     return {a: correct[k].item() for k, a in enumerate(attributes)}
 
 
-def evaluate_accuracy(model: nn.Module, loader: DataLoader, device: torch.device,
-                      label_columns: Sequence[int] | None = None) -> dict[str, float]:
+def evaluate_accuracy(model: nn.Module, loader: Iterable, device: torch.device,
+                      label_columns: Sequence[int] | None = None,
+                      bf16: bool = False) -> dict[str, float]:
     """Per-attribute accuracy of ``model``'s heads; ``label_columns`` picks the loader's
     label column for each head (default: the same order)."""
-    logits, labels = predict(model, loader, device, desc="val")
+    logits, labels = predict(model, loader, device, desc="val", bf16=bf16)
     if label_columns is not None:
         labels = labels[:, list(label_columns)]
     return accuracy_per_head(logits, labels, model.attributes)
 
 
-def fit(method: Method, train_loader: DataLoader, val_loader: DataLoader,
+def fit(method: Method, train_loader: Iterable, val_loader: Iterable,
         optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-        epochs: int, device: torch.device, writer: SummaryWriter,
+        epochs: int, device: torch.device, writer: SummaryWriter | None,
         on_epoch_end: Callable[[int, dict[str, float]], None], start_epoch: int = 1,
-        name: str = "train", val_columns: Sequence[int] | None = None) -> dict[str, float]:
+        name: str = "train", val_columns: Sequence[int] | None = None,
+        bf16: bool = False) -> dict[str, float]:
     """Train ``method`` for epochs ``start_epoch..epochs``; returns the last val accuracies.
 
     ``train_loader.sampler`` must have ``set_epoch`` (:class:`kamal_attr.runtime.EpochShuffle`):
     each epoch's data order and augmentation depend on the seed and the epoch only, so a
     run resumed at ``start_epoch`` continues exactly as an uninterrupted one.
 
-    Per epoch: train, step the scheduler, evaluate the student on ``val_loader``, log to
-    TensorBoard (``loss/<part>``, ``acc/val/<attribute>``, ``lr``, ``img_per_s``) and to the
-    plain log, then call ``on_epoch_end(epoch, val_accuracy)`` (which saves the checkpoint).
+    Per epoch: train, step the scheduler; then in the main process only, evaluate the
+    student on ``val_loader``, log to TensorBoard (``loss/<part>``, ``acc/val/<attribute>``,
+    ``lr``, ``img_per_s``; ``writer`` is None elsewhere) and to the plain log, and call
+    ``on_epoch_end(epoch, val_accuracy)`` (which saves the checkpoint).
     """
     accuracy: dict[str, float] = {}
+    step_module = wrap(method, device)  # DistributedDataParallel under torchrun
     for epoch in range(start_epoch, epochs + 1):
         train_loader.sampler.set_epoch(epoch)  # order and augmentation: a function of (seed, epoch)
         lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(method, train_loader, optimizer, device, epoch, desc=name)
+        stats = train_one_epoch(method, train_loader, optimizer, device, epoch, desc=name,
+                                bf16=bf16, step_module=step_module)
         scheduler.step()
-        accuracy = evaluate_accuracy(method.student, val_loader, device, val_columns)
+        if not is_main_process():
+            continue
+        accuracy = evaluate_accuracy(method.student, val_loader, device, val_columns, bf16)
         for k, v in stats.items():
             writer.add_scalar("img_per_s" if k == "img/s" else f"loss/{k}", v, epoch)
         for a, v in accuracy.items():

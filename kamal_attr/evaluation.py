@@ -15,7 +15,7 @@ from . import KamalError
 from .attributes import GROUPS, source_nets_of
 from .checkpoint import component_dir, load_net, saved_epoch, source_dir, target_dir
 from .config import RunConfig
-from .engine import accuracy_per_head, predict
+from .engine import accuracy_per_head, predict, predict_many
 from .losses import entropy_impurity, route_by_entropy
 from .runtime import dataset, eval_loader
 from .synthetic import STYLE_LIST, STYLES, read_styles
@@ -79,29 +79,42 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
             raise KamalError(f"--by_style needs the synthetic data's {STYLE_LIST} in "
                              f"{cfg.data_root}; real CelebA has no photo styles")
         styles = [style_of.get(f.name, "?") for f in test_data.files]
-    data = eval_loader(cfg, test_data)
     nets = locate_nets(group, cfg)
-    target_path = nets["target"]
-    target_logits = None
-    if target_path is not None:
-        net, _ = load_net(target_path, kind="target", image_size=cfg.image_size)
-        target_logits, _ = predict(net, data, device, desc="target")
+    models: dict[tuple, torch.nn.Module] = {}  # every net present, run in one pass below
+    if nets["target"] is not None:
+        models["target",] = load_net(nets["target"], kind="target", image_size=cfg.image_size)[0]
     else:
         log.warning("no target net in %s", target_dir(cfg.target_root, group, cfg.variant))
+    for attribute in attributes:
+        for spec, path in nets["sources"][attribute]:
+            if path is None:
+                log.warning("no source net in %s", source_dir(cfg.sources_root, spec))
+            else:
+                models["source", spec] = load_net(path, kind="source", attribute=attribute,
+                                                  image_size=cfg.image_size)[0]
+        path = nets["components"][attribute]
+        if path is None:
+            log.warning("no component net in %s",
+                        component_dir(cfg.components_root, group, cfg.variant, attribute))
+        else:
+            models["component", attribute] = load_net(path, kind="component", attribute=attribute,
+                                                       image_size=cfg.image_size)[0]
+    outputs, _ = predict_many(list(models.values()), eval_loader(cfg, test_data), device,
+                              desc=f"evaluating {len(models)} nets", bf16=cfg.bf16)
+    logits_of = dict(zip(models, outputs))
+    target_logits = logits_of.get(("target",))
     result: dict[str, Any] = {"group": group, "split": split, "variant": cfg.variant,
                               "attributes": {}}
     correct_h, wrong_h = [], []
     for j, attribute in enumerate(attributes):
         row: dict[str, Any] = {"sources": {}}
         ids, logits, entropies = [], [], []
-        for spec, path in nets["sources"][attribute]:
-            if path is None:
-                log.warning("no source net in %s", source_dir(cfg.sources_root, spec))
+        for spec, _ in nets["sources"][attribute]:
+            if ("source", spec) not in models:
                 row["sources"][str(spec.source_id)] = None
                 continue
-            net, _ = load_net(path, kind="source", attribute=attribute, image_size=cfg.image_size)
-            out, _ = predict(net, data, device, desc=spec.name)
-            z = out[:, net.attributes.index(attribute)]
+            net = models["source", spec]
+            z = logits_of["source", spec][:, net.attributes.index(attribute)]
             h = entropy_impurity(z)
             right = z.argmax(-1) == labels[:, j]
             correct_h.append(h[right])
@@ -124,15 +137,9 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
                 row["by_style"] = _by_style(styles, ids, logits, entropies, pick, labels[:, j])
         else:
             row["min_entropy"] = None
-        path = nets["components"][attribute]
-        if path is not None:
-            net, _ = load_net(path, kind="component", attribute=attribute, image_size=cfg.image_size)
-            out, _ = predict(net, data, device, desc=f"component {attribute}")
-            row["component"] = _accuracy(out[:, 0], labels[:, j])
-        else:
-            log.warning("no component net in %s",
-                        component_dir(cfg.components_root, group, cfg.variant, attribute))
-            row["component"] = None
+        component_logits = logits_of.get(("component", attribute))
+        row["component"] = (None if component_logits is None
+                            else _accuracy(component_logits[:, 0], labels[:, j]))
         row["target"] = None if target_logits is None else _accuracy(target_logits[:, j], labels[:, j])
         result["attributes"][attribute] = row
     rows = result["attributes"].values()
@@ -276,7 +283,7 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, split: str = "test") -> dict
     device = torch.device(cfg.device)
     net, _ = load_net(path, image_size=cfg.image_size)
     data = eval_loader(cfg, dataset(cfg, split, net.attributes))
-    logits, labels = predict(net, data, device, desc=path.name)
+    logits, labels = predict(net, data, device, desc=path.name, bf16=cfg.bf16)
     accuracy = accuracy_per_head(logits, labels, net.attributes)
     positive = labels.float().mean(0)
     return {a: {"accuracy": accuracy[a], "majority": max(positive[k].item(), 1 - positive[k].item())}

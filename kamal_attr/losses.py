@@ -39,7 +39,7 @@ def route_by_entropy(entropies: torch.Tensor) -> torch.Tensor:
 
 def per_sample_mse(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``mean((input - target)^2)`` over all dimensions but the first: shape ``(batch,)``."""
-    return (input - target).pow(2).flatten(1).mean(dim=1)
+    return (input - target).pow(2).mean(dim=tuple(range(1, input.dim())))
 
 
 class TransferBridge(nn.Module):
@@ -54,7 +54,13 @@ class TransferBridge(nn.Module):
                                    for i, o in zip(in_channels, out_channels))
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [conv(f) for conv, f in zip(self.convs, features)]
+        """Outputs ``(B, C_out, H, W)`` of each tap ``(B, C_in, H, W)``, channels-last.
+
+        A 1x1 convolution is a matrix product over channels: on channels-last features the
+        ``(B, H, W, C)`` view is free and one GEMM computes it, faster than a convolution
+        kernel when channels are few (``python -m kamal_attr.benchmark``)."""
+        return [F.linear(f.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
+                for conv, f in zip(self.convs, features)]
 
 
 def unit_norm_penalty(bridge: TransferBridge) -> torch.Tensor:

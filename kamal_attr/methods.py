@@ -18,16 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .losses import TransferBridge, per_sample_mse, unit_norm_penalty
-from .models import TAP_LAYERS, AttributeResNet, FeatureTaps, tap_channels
+from .models import TAP_LAYERS, AttributeResNet, FeatureTaps, fold_batchnorm, tap_channels
 
 #: Learning-rate factor of the bridges at each tap, relative to the net's (METHOD.md:
 #: 1e-4, 1e-4, 1e-5, 1e-4, 1e-4 with a net lr of 1e-4).
 BRIDGE_LR_SCALE = (1.0, 1.0, 0.1, 1.0, 1.0)
 
 
-def freeze(net: nn.Module) -> nn.Module:
-    """Eval mode and no gradients: a teacher never changes, BatchNorm statistics included."""
-    return net.eval().requires_grad_(False)
+def freeze(net: AttributeResNet) -> AttributeResNet:
+    """A teacher as a method runs it: a copy in eval mode, without gradients, BatchNorm
+    folded (:func:`~kamal_attr.models.fold_batchnorm`); the caller's net is left as it is."""
+    return fold_batchnorm(net)
 
 
 class Method(nn.Module):
@@ -53,6 +54,11 @@ class Method(nn.Module):
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
                       index: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor,
+                index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The training step's losses (what ``DistributedDataParallel`` calls)."""
+        return self.forward_train(images, labels, index)
 
 
 class SourceTraining(Method):
@@ -89,11 +95,17 @@ class SelectiveAmalgamation(Method):
         super().__init__(student, teachers)
         if routing.shape[1] != len(teachers):
             raise ValueError("routing needs one column per source net")
-        self.register_buffer("routing", routing.float(), persistent=False)
+        # Kept on the CPU (not a buffer): a step looks up its batch's rows by the loader's
+        # CPU-side index and never waits for the device to learn who teaches which image.
+        self.routing = routing.detach().float().cpu()
+        # One-hot rows (min-entropy, random): each image is taught by one source net, with
+        # weight 1, so a teacher's loss is the plain MSE over its chunk of the batch.
+        self.one_hot = bool(((self.routing == 0) | (self.routing == 1)).all()
+                            and (self.routing.sum(1) <= 1).all())
         self.heads = [t.attributes.index(attribute) for t in teachers]
         self.feature_loss = feature_loss
         self.student_taps = FeatureTaps(student)
-        self.teacher_taps = [FeatureTaps(t) for t in teachers]
+        self.teacher_taps = [FeatureTaps(t) for t in self.teachers]
         if feature_loss:
             student_c = tap_channels(student.width)
             half = [[c // 2 for c in tap_channels(t.width)] for t in teachers]
@@ -107,28 +119,57 @@ class SelectiveAmalgamation(Method):
             groups += _bridge_groups(list(self.source_bridges) + list(self.component_bridges), lr)
         return groups
 
+    def batch_plan(self, index: torch.Tensor) -> tuple[torch.Tensor | None, list[int], torch.Tensor]:
+        """Who teaches which image of the batch, decided on the CPU from ``index``.
+
+        Returns ``(order, counts, rows)``. With one-hot routing ``order`` sorts the batch by
+        teacher and source net i teaches the next ``counts[i]`` images: each teacher runs
+        on its own chunk, and chunks are ``split`` views, so nothing is gathered and the
+        backward pass only concatenates. Otherwise (averaging: ``order`` None, ``counts``
+        empty) every teacher sees the whole batch and ``rows`` ``(B, S)`` weighs its images.
+        """
+        rows = self.routing[index.cpu()]
+        if not self.one_hot:
+            return None, [], rows
+        choice = rows.argmax(dim=1)
+        order = torch.argsort(choice, stable=True)
+        return order, torch.bincount(choice, minlength=rows.shape[1]).tolist(), rows
+
     def forward_train(self, images, labels, index):
-        weights = self.routing[index]
+        order, counts, rows = self.batch_plan(index)
         batch = images.shape[0]
+        if order is not None:
+            images = images[order.to(images.device, non_blocking=True)]
         z_student = self.student(images)[:, 0]
         f_student = self.student_taps.features()
+
+        def chunks(x: torch.Tensor) -> Sequence[torch.Tensor]:
+            return x.split(counts) if counts else [x] * len(self.teachers)
+
+        if counts:  # sum_{x in chunk i} (1/B) MSE_x = (n_i / B) * MSE over the chunk
+            distill = [lambda a, b, n=n: F.mse_loss(a, b) * (n / batch) for n in counts]
+        else:  # sum_x (w_xi / B) MSE_x
+            weights = (rows / batch).to(images.device, non_blocking=True)
+            distill = [lambda a, b, i=i: (weights[:, i] * per_sample_mse(a, b)).sum()
+                       for i in range(len(self.teachers))]
+        image_chunks, logit_chunks = chunks(images), chunks(z_student)
+        feature_chunks = list(zip(*(chunks(f) for f in f_student)))  # per teacher, per tap
         losses = {"logit": images.new_zeros(())}
         if self.feature_loss:
             losses.update({f"feature/{tap}": images.new_zeros(()) for tap in TAP_LAYERS})
         for i, teacher in enumerate(self.teachers):
-            selected = torch.nonzero(weights[:, i] > 0).squeeze(1)
-            if selected.numel() == 0:
+            x, z, f = image_chunks[i], logit_chunks[i], feature_chunks[i]
+            if x.shape[0] == 0:
                 continue
-            w = weights[selected, i] / batch
             with torch.no_grad():
-                z_teacher = teacher(images[selected])[:, self.heads[i]]
+                z_teacher = teacher(x)[:, self.heads[i]]
                 f_teacher = self.teacher_taps[i].features()
-            losses["logit"] = losses["logit"] + (w * per_sample_mse(z_student[selected], z_teacher)).sum()
+            losses["logit"] = losses["logit"] + distill[i](z, z_teacher)
             if self.feature_loss:
                 source_side = self.source_bridges[i](f_teacher)
-                component_side = self.component_bridges[i]([f[selected] for f in f_student])
+                component_side = self.component_bridges[i](f)
                 for tap, c, s in zip(TAP_LAYERS, component_side, source_side):
-                    losses[f"feature/{tap}"] = losses[f"feature/{tap}"] + (w * per_sample_mse(c, s)).sum()
+                    losses[f"feature/{tap}"] = losses[f"feature/{tap}"] + distill[i](c, s)
         if self.feature_loss:
             losses["penalty"] = torch.stack([unit_norm_penalty(br) for br in self.source_bridges]).sum()
         return losses
@@ -148,7 +189,7 @@ class TargetAmalgamation(Method):
         super().__init__(student, components)
         self.feature_loss = feature_loss
         self.student_taps = FeatureTaps(student)
-        self.teacher_taps = [FeatureTaps(c) for c in components]
+        self.teacher_taps = [FeatureTaps(c) for c in self.teachers]
         if feature_loss:
             self.bridges = nn.ModuleList(
                 TransferBridge(tap_channels(student.width), tap_channels(c.width)) for c in components)

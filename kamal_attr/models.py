@@ -8,11 +8,13 @@ attribute, stored as one ``Linear(C, 2 * n)`` whose output is viewed as ``(B, n,
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import BasicBlock
 
 from . import KamalError
@@ -72,6 +74,22 @@ class AttributeResNet(nn.Module):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = torch.flatten(self.avgpool(x), 1)
         return self.heads(x).view(x.shape[0], len(self.attributes), 2)
+
+
+def fold_batchnorm(net: AttributeResNet) -> AttributeResNet:
+    """A frozen copy of ``net`` whose residual blocks' BatchNorms are folded into the
+    convolutions before them: ``BN(W x) = (g/s) W x + (b - g m/s)`` in eval mode, so a
+    teacher's forward skips 16-20 normalisation passes with the same outputs (up to
+    rounding). The stem's ``bn1`` stays: the ``conv1`` tap reads the conv's raw output.
+    """
+    folded = copy.deepcopy(net).eval()
+    for block in (b for layer in (folded.layer1, folded.layer2, folded.layer3, folded.layer4)
+                  for b in layer):
+        block.conv1, block.bn1 = fuse_conv_bn_eval(block.conv1, block.bn1), nn.Identity()
+        block.conv2, block.bn2 = fuse_conv_bn_eval(block.conv2, block.bn2), nn.Identity()
+        if block.downsample is not None:
+            block.downsample = fuse_conv_bn_eval(*block.downsample)
+    return folded.requires_grad_(False)
 
 
 class FeatureTaps:

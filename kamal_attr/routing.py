@@ -11,6 +11,7 @@ import torch
 from .attributes import SourceNetSpec
 from .celeba import CelebA
 from .config import RunConfig
+from .distributed import broadcast, is_main_process
 from .engine import predict_many
 from .losses import entropy_impurity, route_by_entropy
 from .models import AttributeResNet
@@ -38,11 +39,16 @@ def compute_routing(teachers: Sequence[AttributeResNet], component: str, data: C
 
     Always scored on the un-augmented (eval) view of ``data``, whatever view it is given, so
     routing is deterministic; all teachers see each batch in one pass over the split.
+    Under torchrun the main process scores and the others receive its result.
     """
-    logits, _ = predict_many(teachers, eval_loader(cfg, data), torch.device(cfg.device),
-                          desc="routing")
-    entropies = torch.stack([entropy_impurity(z[:, t.attributes.index(component)])
-                             for z, t in zip(logits, teachers)], dim=1)
+    device = torch.device(cfg.device)
+    entropies = torch.zeros(len(data), len(teachers))
+    if is_main_process():
+        logits, _ = predict_many(teachers, eval_loader(cfg, data), device, desc="routing",
+                                 bf16=cfg.bf16)
+        entropies = torch.stack([entropy_impurity(z[:, t.attributes.index(component)])
+                                 for z, t in zip(logits, teachers)], dim=1)
+    entropies = broadcast(entropies, device)
     return entropies, routing_weights(entropies, cfg.selection, cfg.seed)
 
 

@@ -8,7 +8,6 @@ resume after a kill, and the same crops in any number of loader workers.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -22,27 +21,44 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from . import KamalError
-from .celeba import CelebA, CelebAError, find_celeba
+from .celeba import CelebA, CelebAError, device_views, find_celeba, read_attribute_list
 from .config import RunConfig
+from .distributed import barrier, init_distributed, is_main_process, rank_and_world
+from .imagecache import build_cache, cache_file, list_digest, open_cache
 from .synthetic import check_writable, generate
 
 log = logging.getLogger("kamal_attr")
 
 
 def setup_logging(log_dir: Path) -> None:
-    """Log lines to stderr and appended to ``log_dir/log.txt`` (the plain run log)."""
-    log_dir.mkdir(parents=True, exist_ok=True)
+    """Log lines to stderr and appended to ``log_dir/log.txt`` (the plain run log); in the
+    other processes of a torchrun group, warnings and errors to stderr only."""
     root = logging.getLogger("kamal_attr")
-    root.setLevel(logging.INFO)
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(console)
+    if not is_main_process():
+        root.setLevel(logging.WARNING)
+        return
+    root.setLevel(logging.INFO)
+    log_dir.mkdir(parents=True, exist_ok=True)
     logfile = logging.FileHandler(log_dir / "log.txt")
     logfile.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    root.addHandler(console)
     root.addHandler(logfile)
+
+
+def start(cfg: RunConfig, independent: bool = False) -> None:
+    """What every script does before its work: join torchrun's processes if started by it
+    (``cfg.device`` becomes this process's GPU; ``independent``: no process group, see
+    :func:`~kamal_attr.distributed.init_distributed`), set up the logs, and let cuDNN
+    pick the fastest kernels for the fixed input size (``cudnn.benchmark``)."""
+    cfg.device = init_distributed(cfg.device, cfg.batch_size, independent)
+    setup_logging(cfg.log_dir)
+    if torch.device(cfg.device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def seed_everything(seed: int) -> None:
@@ -77,26 +93,41 @@ def demo_data_needed(cfg: RunConfig) -> bool:
 
 
 def ensure_data(cfg: RunConfig) -> None:
-    """In the demo, write the synthetic dataset on first use (see :func:`demo_data_needed`)."""
-    if demo_data_needed(cfg):
+    """In the demo, write the synthetic dataset on first use (see :func:`demo_data_needed`)
+    and its decoded-image cache (into ``cfg.cache_dir``, never into the data folder).
+    Without a cache, say once how to make one."""
+    if demo_data_needed(cfg) and is_main_process():
         log.info("demo: generating the synthetic dataset in %s (once)", cfg.data_root)
         generate(cfg.data_root)
+    if not cfg.use_cache:
+        return
+    path = cache_file(cfg.data_root, cfg.image_size, cfg.cache_dir)
+    if cfg.demo and not path.exists() and is_main_process():
+        build_cache(cfg.data_root, cfg.image_size, cfg.cache_dir)
+    barrier()
+    if not path.exists():
+        log.info("reading JPEGs with %d loader workers; to read no JPEG per epoch, decode them "
+                 "once: python -m kamal_attr.imagecache --data_root %s --image_size %d "
+                 "--cache_dir %s", cfg.workers, cfg.data_root, cfg.image_size, cfg.cache_dir)
 
 
 def data_digest(root: Path) -> str:
     """SHA-256 (16 hex digits) of a dataset's attribute and partition lists: a dataset
     regenerated or replaced in the same folder makes the nets trained on it stale."""
-    layout = find_celeba(root)
-    h = hashlib.sha256()
-    for path in (layout.attr_file, layout.partition_file):
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+    return list_digest(find_celeba(root))
 
 
 def dataset(cfg: RunConfig, split: str, attributes: Sequence[str], train: bool = False,
             part: tuple[int, int] | None = None) -> CelebA:
+    """One split; reads the decoded-image cache when there is one (and ``--no_cache`` is
+    not given), else the JPEGs."""
+    stored = None
+    if cfg.use_cache:
+        path = cache_file(cfg.data_root, cfg.image_size, cfg.cache_dir)
+        if path.exists():
+            stored = open_cache(path, len(read_attribute_list(find_celeba(cfg.data_root).attr_file)[0]))
     return CelebA(cfg.data_root, split, attributes, cfg.image_size, train=train, part=part,
-                  cache=cfg.cache_images)
+                  stored=stored)
 
 
 class EpochShuffle(DistributedSampler):
@@ -111,22 +142,59 @@ class EpochShuffle(DistributedSampler):
         self.dataset.set_epoch(epoch, self.seed)
 
 
-def train_loader(cfg: RunConfig, data: CelebA, seed: int) -> DataLoader:
-    """Shuffled, augmented batches; epoch e depends only on ``(seed, e)``."""
-    sampler = EpochShuffle(data, num_replicas=1, rank=0, shuffle=True, seed=seed)
-    return DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                      num_workers=cfg.workers, pin_memory=torch.device(cfg.device).type == "cuda")
+class DeviceBatches:
+    """A ``DataLoader`` whose batches arrive on the device, ready for a net: images as
+    normalised float32 channels-last, labels on the device, the index on the CPU (where
+    per-image lookups such as the routing are made without waiting for the device).
+    Stored uint8 images (a decoded-image cache) are cut, flipped and normalised there
+    (:func:`~kamal_attr.celeba.device_views`)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, image_size: int) -> None:
+        self.loader, self.device, self.image_size = loader, device, image_size
+        self.sampler, self.dataset = loader.sampler, loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            images, labels, index = batch[:3]
+            images = images.to(self.device, non_blocking=True)
+            if len(batch) == 4:
+                images = device_views(images, batch[3].to(self.device, non_blocking=True),
+                                      self.image_size)
+            else:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, labels.to(self.device, non_blocking=True), index
 
 
-def eval_loader(cfg: RunConfig, data: CelebA) -> DataLoader:
+def _loader(cfg: RunConfig, data: CelebA, batch_size: int, **kwargs) -> DeviceBatches:
+    device = torch.device(cfg.device)
+    loader = DataLoader(data, batch_size=batch_size, num_workers=cfg.workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False, **kwargs)
+    return DeviceBatches(loader, device, cfg.image_size)
+
+
+def train_loader(cfg: RunConfig, data: CelebA, seed: int) -> DeviceBatches:
+    """Shuffled, augmented batches; epoch e depends only on ``(seed, e)``. Under torchrun
+    each of the W processes gets ``batch_size / W`` images of every global batch, the
+    same images a single process would see in that step."""
+    rank, world = rank_and_world()
+    sampler = EpochShuffle(data, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    return _loader(cfg, data, cfg.batch_size // world, sampler=sampler, drop_last=True)
+
+
+def eval_loader(cfg: RunConfig, data: CelebA) -> DeviceBatches:
     """The eval view in file order: row n of a prediction is image n."""
-    return DataLoader(data.view(train=False), batch_size=cfg.batch_size, shuffle=False,
-                      num_workers=cfg.workers, pin_memory=torch.device(cfg.device).type == "cuda")
+    return _loader(cfg, data.view(train=False), cfg.batch_size, shuffle=False)
 
 
-def open_writer(run_dir: Path, cfg: RunConfig, about: dict, start_epoch: int) -> SummaryWriter:
-    """The TensorBoard run of one net. A fresh start removes the run's old event files (and
-    only those); a resumed one keeps them and drops their events from ``start_epoch`` on."""
+def open_writer(run_dir: Path, cfg: RunConfig, about: dict, start_epoch: int) -> SummaryWriter | None:
+    """The TensorBoard run of one net (None outside the main process). A fresh start removes
+    the run's old event files (and only those); a resumed one keeps them and drops their
+    events from ``start_epoch`` on."""
+    if not is_main_process():
+        return None
     if start_epoch == 1:
         for events in run_dir.glob("events.out.tfevents.*"):
             events.unlink()

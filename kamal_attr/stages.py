@@ -29,6 +29,7 @@ from .engine import OptimConfig, build_optimizer, build_scheduler, fit, place
 from .methods import Method, SelectiveAmalgamation, SourceTraining, TargetAmalgamation
 from .models import AttributeResNet, build_model, describe_init
 from .routing import compute_routing, write_routing
+from .distributed import barrier, is_main_process
 from .runtime import data_digest, dataset, eval_loader, open_writer, seed_everything, train_loader
 
 log = logging.getLogger("kamal_attr")
@@ -64,6 +65,16 @@ def make_recipe(cfg: RunConfig, stage: str, optim: OptimConfig, epochs: int, see
     return json.loads(json.dumps(recipe))
 
 
+def plan_net(out_dir: Path, epochs: int, recipe: dict[str, Any], cfg: RunConfig, name: str,
+             retrain: str) -> TrainingPlan:
+    """:func:`~kamal_attr.checkpoint.plan_training`, made by the main process first (which
+    alone may remove files, for ``--overwrite``); the others then read the same folder."""
+    main = is_main_process()
+    decided = plan_training(out_dir, epochs, recipe, cfg.overwrite, name, retrain) if main else None
+    barrier()
+    return decided or plan_training(out_dir, epochs, recipe, False, name, retrain)
+
+
 def train_net(method: Method, plan: TrainingPlan, recipe: dict[str, Any], cfg: RunConfig,
               name: str, epochs: int, optim_cfg: OptimConfig, seed: int, train_data: CelebA,
               val_data: CelebA, run_dir: Path, record: dict[str, Any],
@@ -73,6 +84,7 @@ def train_net(method: Method, plan: TrainingPlan, recipe: dict[str, Any], cfg: R
     from the seed and the epoch), and per-epoch checkpoints that carry ``recipe``."""
     device = torch.device(cfg.device)
     place(method, device)
+    main = is_main_process()
     optimizer = build_optimizer(method.parameter_groups(optim_cfg.lr), optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, epochs)
     if plan.resume is not None:
@@ -90,7 +102,7 @@ def train_net(method: Method, plan: TrainingPlan, recipe: dict[str, Any], cfg: R
     writer = open_writer(run_dir, cfg, {"net": name, "fingerprint": fingerprint(recipe), **extra},
                          plan.start_epoch)
 
-    def save(epoch: int, accuracy: dict[str, float]) -> None:
+    def save(epoch: int, accuracy: dict[str, float]) -> None:  # main process only
         ckpt = net_record(kind, method.student, cfg.image_size, epoch, recipe,
                           val_accuracy=accuracy, **extra)
         atomic_save(ckpt, epoch_file(plan.out_dir, epoch))
@@ -101,10 +113,13 @@ def train_net(method: Method, plan: TrainingPlan, recipe: dict[str, Any], cfg: R
     try:
         fit(method, train_loader(cfg, train_data, seed), eval_loader(cfg, val_data), optimizer,
             scheduler, epochs, device, writer, save, start_epoch=plan.start_epoch, name=name,
-            val_columns=val_columns)
+            val_columns=val_columns, bf16=cfg.bf16)
     finally:
-        writer.close()
-    log.info("%s: saved %s", name, plan.final)
+        if writer is not None:
+            writer.close()
+    barrier()  # the other processes go on once the main one has saved the final epoch
+    if main:
+        log.info("%s: saved %s", name, plan.final)
     return plan.final
 
 
@@ -139,8 +154,8 @@ def train_source_net(spec: SourceNetSpec, cfg: RunConfig,
                          attributes=list(spec.attributes), width=cfg.width,
                          train_part=list(part) if part else None, init=init)
     name = f"{spec.group}/{spec.name}"
-    plan = plan_training(source_dir(cfg.sources_root, spec), cfg.source_epochs, recipe,
-                         cfg.overwrite, name, _retrain_source(cfg, spec))
+    plan = plan_net(source_dir(cfg.sources_root, spec), cfg.source_epochs, recipe, cfg, name,
+                _retrain_source(cfg, spec))
     if plan.done:
         log.info("%s: %s exists, reusing it (same recipe; --overwrite retrains)", name, plan.final)
         return plan.final
@@ -200,9 +215,8 @@ def train_component(group: str, component: str, cfg: RunConfig,
                          cfg.seed, group=group, attribute=component, width=cfg.width,
                          selection=cfg.selection, feature_loss=cfg.feature_loss, teachers=digests)
     name = f"component {group}/{component}"
-    plan = plan_training(component_dir(cfg.components_root, group, cfg.variant, component),
-                         cfg.component_epochs, recipe, cfg.overwrite, name,
-                         RETRAIN_AMALGAMATION)
+    plan = plan_net(component_dir(cfg.components_root, group, cfg.variant, component),
+                cfg.component_epochs, recipe, cfg, name, RETRAIN_AMALGAMATION)
     if plan.done:
         log.info("%s: %s exists, reusing it (same recipe)", name, plan.final)
         return plan.final
@@ -211,10 +225,13 @@ def train_component(group: str, component: str, cfg: RunConfig,
     data = data or GroupData(group, cfg)
     entropies, weights = compute_routing(teachers, component, data.train, cfg)
     specs = [s for s, _ in found]
-    lists = write_routing(cfg.routing_root / group / cfg.selection, specs, data.train.files, weights)
     share = weights.sum(0) / weights.sum()
-    log.info("  routing (%s): %s; lists in %s", cfg.selection,
-             ", ".join(f"{s.name} {v:.1%}" for s, v in zip(specs, share.tolist())), lists[0].parent)
+    if is_main_process():
+        lists = write_routing(cfg.routing_root / group / cfg.selection, specs, data.train.files,
+                              weights)
+        log.info("  routing (%s): %s; lists in %s", cfg.selection,
+                 ", ".join(f"{s.name} {v:.1%}" for s, v in zip(specs, share.tolist())),
+                 lists[0].parent)
     student = AttributeResNet([component], cfg.width)
     method = SelectiveAmalgamation(student, teachers, component, weights, cfg.feature_loss)
     record = {"kind": "component", "group": group, "variant": cfg.variant,
@@ -223,10 +240,11 @@ def train_component(group: str, component: str, cfg: RunConfig,
     path = train_net(method, plan, recipe, cfg, name, cfg.component_epochs,
                      cfg.amalgamation_optim, cfg.seed, data.train, data.val, run_dir, record,
                      val_columns=[data.attributes.index(component)])
-    with SummaryWriter(str(run_dir)) as writer:
-        for s, v in zip(specs, share.tolist()):
-            writer.add_scalar(f"routing/share/{s.name}", v, 0)
-        writer.add_histogram("routing/entropy_min", entropies.min(dim=1).values, 0)
+    if is_main_process():
+        with SummaryWriter(str(run_dir)) as writer:
+            for s, v in zip(specs, share.tolist()):
+                writer.add_scalar(f"routing/share/{s.name}", v, 0)
+            writer.add_histogram("routing/entropy_min", entropies.min(dim=1).values, 0)
     return path
 
 
@@ -251,8 +269,8 @@ def train_target(group: str, cfg: RunConfig, data: GroupData | None = None) -> P
                          group=group, attributes=list(attributes), width=cfg.target_width,
                          feature_loss=cfg.feature_loss, components=digests)
     name = f"target {group}"
-    plan = plan_training(target_dir(cfg.target_root, group, cfg.variant), cfg.target_epochs,
-                         recipe, cfg.overwrite, name, RETRAIN_AMALGAMATION)
+    plan = plan_net(target_dir(cfg.target_root, group, cfg.variant), cfg.target_epochs, recipe,
+                cfg, name, RETRAIN_AMALGAMATION)
     if plan.done:
         log.info("%s: %s exists, reusing it (same recipe)", name, plan.final)
         return plan.final

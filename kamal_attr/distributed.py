@@ -1,0 +1,94 @@
+"""Several processes through torchrun: one per GPU (NCCL), or on CPUs (gloo).
+
+    torchrun --nproc_per_node 8 train.py --target_attribute hair
+
+Training a net: every process holds the net (``DistributedDataParallel`` averages the
+gradients), reads ``batch_size / W`` images of each global batch (the same images one
+process would see in that step) and the main process (rank 0) alone writes checkpoints,
+routing lists, TensorBoard runs and the log. Routing is computed once, by rank 0, and
+broadcast. ``train_sourcenet.py --all`` instead gives each process whole source nets
+(:func:`my_share`): teachers are independent, so W of them train at once with no
+communication. Without torchrun every function here is a no-op for one process.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import KamalError
+
+T = TypeVar("T")
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of this process; ``(0, 1)`` without torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+def torchrun_rank_and_world() -> tuple[int, int]:
+    """``(RANK, WORLD_SIZE)`` that torchrun gave this process (``(0, 1)`` without it)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: str, batch_size: int, independent: bool = False) -> str:
+    """Join torchrun's process group when started by it; returns the device this process
+    uses (``cuda:LOCAL_RANK`` for a CUDA run, ``cpu`` stays ``cpu``). ``independent``:
+    each process trains whole nets of its own (:func:`my_share`) and joins no group."""
+    world = torchrun_rank_and_world()[1]
+    if world == 1 or dist.is_initialized():
+        return device
+    if batch_size % world and not independent:
+        raise KamalError(f"--batch_size {batch_size} must be a multiple of the {world} "
+                         "torchrun processes (each takes an equal share of a batch)")
+    if torch.device(device).type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise KamalError(f"torchrun started {world} processes on this node but it has "
+                             f"{torch.cuda.device_count()} CUDA devices")
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if not independent:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
+def wrap(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` in ``DistributedDataParallel`` when there are several processes; a
+    method's ``forward`` is its ``forward_train``. ``find_unused_parameters``: a batch may
+    route no image to some source net, whose bridges then get no gradient."""
+    if rank_and_world()[1] == 1:
+        return module
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=[device] if device.type == "cuda" else None,
+        find_unused_parameters=True)
+
+
+def broadcast(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rank 0's ``tensor`` on every process (CPU in, CPU out)."""
+    if rank_and_world()[1] == 1:
+        return tensor
+    moved = tensor.to(device).contiguous()
+    dist.broadcast(moved, src=0)
+    return moved.cpu()
+
+
+def my_share(items: Sequence[T]) -> list[T]:
+    """This torchrun process's items of ``items`` (round robin), for work that needs no
+    communication, such as independent source nets."""
+    rank, world = torchrun_rank_and_world()
+    return list(items[rank::world])

@@ -1,0 +1,61 @@
+"""The decoded-image cache and the views cut from it on the device."""
+import numpy as np
+import pytest
+import torch
+
+from kamal_attr import KamalError
+from kamal_attr.celeba import CelebA, device_views
+from kamal_attr.imagecache import build_cache, cache_file, open_cache
+
+ATTRS = ["Black_Hair", "Smiling"]
+
+
+@pytest.fixture(scope="module")
+def cached(synthetic_root, tmp_path_factory):
+    cache_dir = tmp_path_factory.mktemp("cache")
+    before = sorted(p.relative_to(synthetic_root) for p in synthetic_root.rglob("*"))
+    path = build_cache(synthetic_root, 32, cache_dir, workers=1)
+    assert sorted(p.relative_to(synthetic_root) for p in synthetic_root.rglob("*")) == before, \
+        "building the cache wrote into the data folder"
+    return path
+
+
+def test_cache_holds_every_image_at_the_eval_resize(cached, synthetic_root):
+    images = open_cache(cached, 54)
+    assert images.shape == (54, 45, 37, 3) and images.dtype == np.uint8  # 178x218 -> short side 37
+    assert cached.name.endswith("-45x37.npy") and cached == cache_file(synthetic_root, 32, cached.parent)
+    mtime = cached.stat().st_mtime_ns
+    assert build_cache(synthetic_root, 32, cached.parent) == cached and cached.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_device_views_match_the_jpeg_views(cached, synthetic_root, train):
+    stored = open_cache(cached, 54)
+    jpeg = CelebA(synthetic_root, "train", ATTRS, image_size=32, train=train)
+    fast = CelebA(synthetic_root, "train", ATTRS, image_size=32, train=train, stored=stored)
+    for data in (jpeg, fast):
+        data.set_epoch(3, seed=7)
+    for index in range(4):
+        expected, labels, i = jpeg[index]
+        pixels, labels_c, i_c, box = fast[index]
+        assert torch.equal(labels, labels_c) and i == i_c == index
+        got = device_views(pixels[None], box[None], 32)[0]
+        assert got.shape == expected.shape
+        if train:  # the same crop and flip, drawn from (seed, epoch, index); resampled alike
+            assert (got - expected).abs().mean() < 0.12, f"image {index}: train views differ"
+        else:  # Resize + CenterCrop of the stored (already resized) image: the same pixels
+            assert torch.allclose(got, expected, atol=1e-4), f"image {index}: eval views differ"
+
+
+def test_a_flipped_box_mirrors_the_view(cached):
+    pixels = torch.from_numpy(np.array(open_cache(cached, 54)[:2]))
+    box = torch.tensor([[2.0, 3.0, 30.0, 28.0, 0.0], [2.0, 3.0, 30.0, 28.0, 1.0]])
+    views = device_views(pixels[[0, 0]], box, 32)
+    assert torch.allclose(views[1], views[0].flip(-1), atol=1e-5)
+
+
+def test_a_foreign_cache_file_is_refused(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((3, 4, 4, 3), np.float32))
+    with pytest.raises(KamalError, match=r"x.npy holds float32 \(3, 4, 4, 3\).*remove it"):
+        open_cache(path, 3)
