@@ -1,89 +1,232 @@
-"""Training-step speed of the three stages in both memory layouts, measured in one run.
+"""How fast each stage trains, how fast data arrives, and what that means for the paper's
+protocol: one line per target of issue 9, measured in one run.
 
-    python -m kamal_attr.benchmark                # demo sizes: 64 px, width 16, target 24
-    python -m kamal_attr.benchmark --image_size 224 --width 64 --target_width 90 --device cuda
+    python -m kamal_attr.benchmark                   # CPU: demo sizes, a few minutes
+    python -m kamal_attr.benchmark --device cuda     # GPU: 224 px, real-data widths
 
-Each stage's ``forward_train`` + backward + Adam step runs on random images (batch 64) with
-the hair group's heads, first in contiguous (NCHW) then in :data:`engine.MEMORY_FORMAT`;
-it prints images/s and the ratio. Data loading is not included.
+Measured, at the demo's sizes (64 px, width 16, target 24, batch 64) or the real-data
+preset's (224 px, width 64, target 90) with ``--real_sizes`` (the default on CUDA):
+
+- every stage's training step on random images (``forward_train`` + backward + fused
+  optimiser, as :func:`kamal_attr.engine.train_one_epoch` runs it: channels-last, bf16
+  autocast on CUDA), and a plain supervised step of the same student for the ratios of
+  target 4. Steps are timed in interleaved rounds and the median taken, so that a
+  machine's drift between measurements does not enter a ratio;
+- the training loader (:func:`kamal_attr.runtime.train_loader`) over a freshly drawn
+  synthetic dataset at CelebA's 178x218, reading the decoded-image cache (and the JPEGs,
+  for comparison);
+- the paper's protocol (22 source nets, 10 component nets, 3 target nets, 50 epochs on
+  162,770 training images, val evaluation every epoch) extrapolated from each stage's
+  img/s at 224 px, widths 64/90, data loading included (the slower of step and loader).
+
+Exits 1 when a CPU ratio of target 4 falls short of its threshold.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
+import torchvision
 
 from .attributes import GROUPS, source_nets_of
-from .config import default_device
-from .engine import MEMORY_FORMAT
+from .config import DEMO, REAL, RunConfig, bounded_int, check_device, default_device, default_workers
+from .engine import OptimConfig, autocast, build_optimizer, place
 from .methods import Method, SelectiveAmalgamation, SourceTraining, TargetAmalgamation
 from .models import AttributeResNet
 
+#: The paper's protocol (METHOD.md): nets per stage, epochs, CelebA's train and val sizes.
+PROTOCOL = {"source nets": 22, "component nets": 10, "target nets": 3}
+EPOCHS, TRAIN_IMAGES, VAL_IMAGES = 50, 162_770, 19_867
+#: Target 4's thresholds (CPU): a stage's step rate over the plain step of its student.
+RATIO_TARGETS = {"stage 1": 0.65, "stage 2": 0.5}
 
-def images_per_second(method: Method, memory_format: torch.memory_format, image_size: int,
-                      batch: int, steps: int, device: torch.device) -> float:
-    """Mean throughput of ``steps`` training steps after 3 warm-up steps."""
-    method.to(device, memory_format=memory_format).train()
-    params = [p for g in method.parameter_groups(1e-3) for p in g["params"]]
-    optimizer = torch.optim.Adam(params, lr=1e-3)
+
+def build_step(method: Method, device: torch.device, image_size: int, batch: int,
+               bf16: bool) -> Callable[[], None]:
+    """One training step of ``method`` on a fixed random batch, as the training loop runs it."""
+    place(method, device).train()
+    optimizer = build_optimizer(method.parameter_groups(1e-3), OptimConfig("adam", 1e-3))
     images = torch.randn(batch, 3, image_size, image_size, device=device)
-    images = images.contiguous(memory_format=memory_format)
+    images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.zeros(batch, len(method.student.attributes), dtype=torch.long, device=device)
-    index = torch.arange(batch, device=device)
-    for step in range(steps + 3):
-        if step == 3:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-        loss = sum(method.forward_train(images, labels, index).values())
+    index = torch.arange(batch)
+
+    def step() -> None:
+        with autocast(device, bf16):
+            loss = torch.stack(list(method(images, labels, index).values())).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return steps * batch / (time.perf_counter() - start)
+    return step
 
 
-def stages(width: int, target_width: int, batch: int) -> dict[str, Callable[[], Method]]:
-    """Fresh methods (random weights) shaped like the hair group's nets."""
+def steps_per_second(steps: dict[str, Callable[[], None]], device: torch.device, batch: int,
+                     rounds: int, per_round: int) -> dict[str, list[float]]:
+    """img/s of every step, measured in ``rounds`` interleaved rounds (after one warm-up)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for step in steps.values():
+        step(), step()
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(per_round):
+                step()
+            sync()
+            rates[name].append(per_round * batch / (time.perf_counter() - start))
+    return rates
+
+
+def stage_methods(width: int, target_width: int, batch: int) -> dict[str, Callable[[], Method]]:
+    """Fresh methods (random weights) shaped like the hair group's nets: the plain steps of
+    target 4's ratios and the three stages (stage 1 with Brown_Hair's 3 source nets,
+    stage 2 with the 4 components)."""
     brown = source_nets_of("hair", "Brown_Hair")
-    routing = torch.nn.functional.one_hot(torch.arange(batch) % len(brown), len(brown))
+    routing = torch.nn.functional.one_hot(torch.randint(0, len(brown), (batch,)), len(brown))
+    hair = GROUPS["hair"]
     return {
-        "source net (Brown_Hair, source 6)": lambda: SourceTraining(
-            AttributeResNet(brown[1].attributes, width)),
-        "component (Brown_Hair, 3 source nets)": lambda: SelectiveAmalgamation(
+        "plain student": lambda: SourceTraining(AttributeResNet(["Brown_Hair"], width)),
+        "stage 1": lambda: SelectiveAmalgamation(
             AttributeResNet(["Brown_Hair"], width),
             [AttributeResNet(s.attributes, width) for s in brown], "Brown_Hair", routing),
-        "target (hair, 4 components)": lambda: TargetAmalgamation(
-            AttributeResNet(GROUPS["hair"], target_width),
-            [AttributeResNet([a], width) for a in GROUPS["hair"]]),
+        "plain target": lambda: SourceTraining(AttributeResNet(hair, target_width)),
+        "stage 2": lambda: TargetAmalgamation(AttributeResNet(hair, target_width),
+                                              [AttributeResNet([a], width) for a in hair]),
+        "source net": lambda: SourceTraining(AttributeResNet(brown[1].attributes, width)),
     }
 
 
-def main() -> None:
+def measure_steps(device: torch.device, image_size: int, width: int, target_width: int,
+                  batch: int, bf16: bool, rounds: int, per_round: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    steps = {name: build_step(make(), device, image_size, batch, bf16)
+             for name, make in stage_methods(width, target_width, batch).items()}
+    rates = steps_per_second(steps, device, batch, rounds, per_round)
+    out = {name: statistics.median(r) for name, r in rates.items()}
+    for stage, plain in (("stage 1", "plain student"), ("stage 2", "plain target")):
+        out[f"{stage} ratio"] = statistics.median(s / p for s, p in zip(rates[stage], rates[plain]))
+    return out
+
+
+def loader_rate(cfg: RunConfig, data_root: Path, use_cache: bool, batches: int) -> float:
+    """img/s of the training loader (order, views, transfer to the device) alone."""
+    from .runtime import dataset, train_loader
+    run_cfg = dataclasses.replace(cfg, data_root=data_root, use_cache=use_cache)
+    loader = train_loader(run_cfg, dataset(run_cfg, "train", ["Smiling"], train=True), seed=0)
+    loader.sampler.set_epoch(1)
+    seen, start = 0, None
+    for i, (images, _, _) in enumerate(loader):
+        if i == 1:  # after the first batch: workers started
+            if cfg.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start, seen = time.perf_counter(), 0
+        seen += images.shape[0]
+        if i == batches:
+            break
+    if cfg.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - start)
+
+
+def protocol_hours(rates: dict[str, float], loader: float) -> tuple[float, dict[str, float]]:
+    """Hours of the paper's protocol at the measured img/s (each stage no faster than the
+    loader; evaluation counted as a third of a training step per image)."""
+    source, stage1, stage2 = (min(rates[k], loader) for k in ("source net", "stage 1", "stage 2"))
+    images = EPOCHS * TRAIN_IMAGES
+    val = EPOCHS * VAL_IMAGES / 3
+    hours = {"source nets": PROTOCOL["source nets"] * (images + val) / source,
+             "component nets": PROTOCOL["component nets"] * (images + val) / stage1,
+             "target nets": PROTOCOL["target nets"] * (images + val) / stage2}
+    hours = {k: v / 3600 for k, v in hours.items()}
+    return sum(hours.values()), hours
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image_size", type=int, default=64)
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--target_width", type=int, default=24)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--device", default=default_device())
-    args = p.parse_args()
-    device = torch.device(args.device)
-    print(f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{args.image_size} px, width {args.width}/{args.target_width}, batch {args.batch_size}")
-    print(f"{'stage':40s} {'NCHW img/s':>11s} {'NHWC img/s':>11s} {'ratio':>6s}")
-    for name, build in stages(args.width, args.target_width, args.batch_size).items():
-        speed = {}
-        for fmt in (torch.contiguous_format, MEMORY_FORMAT):
-            torch.manual_seed(0)
-            speed[fmt] = images_per_second(build(), fmt, args.image_size, args.batch_size,
-                                           args.steps, device)
-        print(f"{name:40s} {speed[torch.contiguous_format]:11.0f} {speed[MEMORY_FORMAT]:11.0f} "
-              f"{speed[MEMORY_FORMAT] / speed[torch.contiguous_format]:6.2f}")
+    p.add_argument("--real_sizes", action="store_true",
+                   help="224 px, widths 64/90 for the ratios too (default on CUDA)")
+    p.add_argument("--rounds", type=bounded_int(1), default=5)
+    p.add_argument("--fp32", action="store_true", help="on CUDA: no bf16 autocast")
+    p.add_argument("--images", type=bounded_int(200), default=1200,
+                   help="size of the synthetic dataset the loader is timed on")
+    args = p.parse_args(argv)
+    device = torch.device(check_device(args.device))
+    cuda = device.type == "cuda"
+    bf16 = cuda and not args.fp32
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    name = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}, torchvision {torchvision.__version__}; "
+          f"{'bf16 autocast' if bf16 else 'float32'}, channels-last, fused optimiser"
+          + (", cudnn.benchmark" if cuda else ""))
+    demo = not (cuda or args.real_sizes)
+    size, width, target_width = ((DEMO.image_size, DEMO.width, DEMO.target_width) if demo else
+                                 (REAL.image_size, REAL.width, REAL.target_width))
+    batch = 64
+    print(f"steps at {size} px, width {width}, target {target_width}, batch {batch} "
+          f"({args.rounds} interleaved rounds, median):")
+    steps = measure_steps(device, size, width, target_width, batch, bf16, args.rounds,
+                          per_round=5 if demo else 2)
+    for k in ("source net", "plain student", "stage 1", "plain target", "stage 2"):
+        print(f"  {k:14s} {steps[k]:8.0f} img/s")
+
+    from .config import add_common_args, resolve_config
+    from .imagecache import build_cache
+    from .synthetic import generate
+    with tempfile.TemporaryDirectory() as tmp:
+        root = generate(Path(tmp) / "celeba", num_images=args.images, seed=0)
+        flags = argparse.ArgumentParser()
+        add_common_args(flags)
+        cfg = resolve_config(flags.parse_args(
+            ["--data_root", str(root), "--save_root", tmp, "--device", str(device),
+             "--image_size", str(size), "--batch_size", str(batch), "--cache_dir", "cache"]
+            + ["--demo"] * demo + ["--fp32"] * args.fp32))
+        cfg = dataclasses.replace(cfg, workers=default_workers() if not demo else 0)
+        build_cache(root, size, cfg.cache_dir)
+        batches = max(3, min(40, int(0.6 * args.images) // batch - 1))
+        cached = loader_rate(cfg, root, True, batches)
+        jpeg = loader_rate(dataclasses.replace(cfg, workers=default_workers()), root, False, batches)
+    fastest = max(steps[k] for k in ("source net", "stage 1", "stage 2"))
+    print(f"loader at {size} px: {cached:.0f} img/s from the decoded-image cache "
+          f"({cfg.workers} workers), {jpeg:.0f} img/s from JPEGs ({default_workers()} workers)")
+
+    rows, short = [], []
+    for stage, threshold in RATIO_TARGETS.items():
+        ratio = steps[f"{stage} ratio"]
+        met = ratio >= threshold
+        if not cuda and not met:
+            short.append(stage)
+        rows.append((f"4 {stage} step / plain step of its student", f"{ratio:.2f}",
+                     f">= {threshold}" + ("" if not cuda else " (CPU)"),
+                     "met" if met else "SHORT"))
+    rows.append(("2 loader img/s / fastest stage img/s", f"{cached / fastest:.2f}", ">= 1.5",
+                 "met" if cached >= 1.5 * fastest else "SHORT"))
+    if demo:
+        rows.append(("1 paper protocol on one GPU", "-", "<= 8 h",
+                     "not measured: run with --device cuda (224 px, widths 64/90)"))
+    else:
+        total, parts = protocol_hours(steps, cached)
+        rows.append((f"1 paper protocol on this {'GPU' if cuda else 'device'}", f"{total:.1f} h",
+                     "<= 8 h", ("met" if total <= 8 else "SHORT") + " (" + ", ".join(
+                         f"{k} {v:.1f} h" for k, v in parts.items()) + ")"))
+    print(f"{'target':46s} {'figure':>8s}  {'threshold':12s} result")
+    for row in rows:
+        print(f"{row[0]:46s} {row[1]:>8s}  {row[2]:12s} {row[3]}")
+    if short:
+        print(f"short of target 4 on the CPU: {', '.join(short)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

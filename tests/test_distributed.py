@@ -1,0 +1,128 @@
+"""torchrun on the CPU (gloo, 2 processes): the same learning as one process, each file
+written once, source nets spread over the processes."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kamal_attr.checkpoint import load_checkpoint
+from kamal_attr.config import add_common_args, resolve_config
+from kamal_attr.distributed import wrap
+from kamal_attr.engine import OptimConfig, build_optimizer, train_one_epoch
+from kamal_attr.methods import SourceTraining
+from kamal_attr.runtime import dataset, train_loader
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = ["--image_size", "32", "--batch_size", "8", "--workers", "0", "--device", "cpu"]
+
+
+def launch(script: str, args: list[str], processes: int) -> subprocess.CompletedProcess:
+    """``script`` under torchrun with ``processes`` CPU processes."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={processes}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(torchrun + [str(REPO / script)] + args, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{script} with {processes} processes failed:\n{done.stderr[-3000:]}"
+    return done
+
+
+class Probe(nn.Module):
+    """A student without BatchNorm, so that 2 processes must learn exactly what 1 does
+    (with BatchNorm, statistics over half a batch differ)."""
+
+    attributes = ("Smiling", "Male")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 32 * 32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1)).view(-1, 2, 2)
+
+
+def train_probe(rank: int, world: int, root: str, out: str, port: str) -> None:
+    """Two epochs of the real training loop (loader, sampler, DDP wrap) on ``world`` processes."""
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    flags = argparse.ArgumentParser()
+    add_common_args(flags)
+    cfg = resolve_config(flags.parse_args(["--data_root", root, "--save_root", out] + SMALL))
+    torch.manual_seed(0)
+    method = SourceTraining(Probe())
+    optimizer = build_optimizer(method.parameter_groups(0.1), OptimConfig("sgd", 0.1))
+    loader = train_loader(cfg, dataset(cfg, "train", Probe.attributes, train=True), seed=5)
+    step_module = wrap(method, torch.device("cpu"))
+    for epoch in (1, 2):
+        loader.sampler.set_epoch(epoch)
+        train_one_epoch(method, loader, optimizer, torch.device("cpu"), epoch,
+                        step_module=step_module)
+    if rank == 0:
+        torch.save(method.student.state_dict(), Path(out) / f"probe{world}.pt")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_learn_exactly_what_one_does(tmp_path, synthetic_root):
+    """Each process takes half of every batch (together, the images one process takes) and
+    DistributedDataParallel averages the gradients: the same weights come out."""
+    train_probe(0, 1, str(synthetic_root), str(tmp_path), "")
+    torch.multiprocessing.spawn(train_probe, nprocs=2,
+                                args=(2, str(synthetic_root), str(tmp_path), "29533"))
+    one, two = (torch.load(tmp_path / f"probe{w}.pt", weights_only=True) for w in (1, 2))
+    torch.manual_seed(0)
+    start = Probe().state_dict()
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-3, "nothing was learnt"
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5), f"{k}: 2 processes learnt otherwise than 1"
+
+
+def test_one_net_on_two_processes_is_written_once(tmp_path, synthetic_root):
+    args = ["--target_attribute", "Black_Hair", "--source_id", "1", "--data_root",
+            str(synthetic_root), "--epochs", "2", "--width", "4", "--pretrained", "none",
+            "--save_root", str(tmp_path)] + SMALL
+    launch("train_sourcenet.py", args, 2)
+    net = tmp_path / "snapshot/sources/hair/source1_Black_Hair"
+    assert sorted(p.name for p in net.iterdir()) == ["epoch_001.pth", "epoch_002.pth", "last.pth"]
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert log.count("epoch 2/2") == 1, "the log has one line per epoch (rank 0 only)"
+    assert len(list((tmp_path / "run" / "sources").rglob("events.out.tfevents.*"))) == 1
+
+
+def test_all_source_nets_spread_over_processes_then_amalgamated_together(tmp_path, synthetic_root):
+    common = ["--data_root", str(synthetic_root), "--save_root", str(tmp_path)] + SMALL
+    done = launch("train_sourcenet.py", ["--all", "--group", "hair", "--epochs", "1", "--width", "4",
+                                         "--pretrained", "none"] + common, 2)
+    assert len(list((tmp_path / "snapshot/sources/hair").glob("*/epoch_001.pth"))) == 9
+    assert done.stderr.count(": saved ") == 9, "each source net is trained by one process"
+    launch("train.py", ["--target_attribute", "hair", "--sorce_saveEpoch", "1",
+                        "--component_saveEpoch", "1", "--target_epoch", "1", "--width", "4",
+                        "--target_width", "6"] + common, 2)
+    lists = sorted((tmp_path / "data/sources/hair/entropy").glob("*.txt"))
+    assert len(lists) == 9 and sum(len(p.read_text().split()) for p in lists) == 4 * 32, \
+        "routing lists: written once, every training image once per attribute"
+    target = load_checkpoint(tmp_path / "snapshot/target/hair/entropy/epoch_001.pth")
+    assert target["kind"] == "target" and len(target["components"]) == 4
+    assert len(list((tmp_path / "run/target").rglob("events.out.tfevents.*"))) == 1
+    assert not list(tmp_path.rglob("*.tmp")), "a temporary file was left behind"
+
+
+def test_protocol_extrapolation_counts_every_net_epoch_and_image():
+    from kamal_attr.benchmark import EPOCHS, TRAIN_IMAGES, VAL_IMAGES, protocol_hours
+    rates = {"source net": 1000.0, "stage 1": 500.0, "stage 2": 250.0}
+    total, parts = protocol_hours(rates, loader=10_000.0)
+    per_net = EPOCHS * (TRAIN_IMAGES + VAL_IMAGES / 3) / 3600
+    assert parts == pytest.approx({"source nets": 22 * per_net / 1000,
+                                   "component nets": 10 * per_net / 500,
+                                   "target nets": 3 * per_net / 250})
+    assert total == pytest.approx(sum(parts.values()))
+    slow_loader, _ = protocol_hours(rates, loader=100.0)  # data loading included: the slower wins
+    assert slow_loader == pytest.approx(35 * per_net / 100)
