@@ -14,8 +14,8 @@ from kamal_attr.cli import ArgumentParser, run
 from kamal_attr.config import (DEMO, POSITIVE, REAL, WIDTH, add_common_args, learning_rate,
                                resolve_config)
 from kamal_attr.models import describe_init
-from kamal_attr.distributed import my_share
-from kamal_attr.runtime import demo_data_needed, ensure_data, start
+from kamal_attr.distributed import leave_group, my_share
+from kamal_attr.runtime import demo_data_needed, ensure_data, setup_logging, start
 from kamal_attr.stages import train_source_net
 
 
@@ -79,6 +79,9 @@ def main(args: argparse.Namespace) -> None:
     spread = len(specs) > 1
     start(cfg, independent=spread)
     ensure_data(cfg)
+    if spread:
+        leave_group()
+        setup_logging(cfg.log_dir)  # from now on each process trains and logs nets of its own
     for spec in my_share(specs) if spread else specs:
         train_source_net(spec, cfg, part)
 

@@ -1,7 +1,7 @@
 """How fast each stage trains, how fast data arrives, and what that means for the paper's
 protocol: one line per target of issue 9, measured in one run.
 
-    python -m kamal_attr.benchmark                   # CPU: demo sizes, a few minutes
+    python -m kamal_attr.benchmark                   # CPU: demo sizes, under a minute
     python -m kamal_attr.benchmark --device cuda     # GPU: 224 px, real-data widths
 
 Measured, at the demo's sizes (64 px, width 16, target 24, batch 64) or the real-data
@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torchvision
 
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="224 px, widths 64/90 for the ratios too (default on CUDA)")
     p.add_argument("--rounds", type=bounded_int(1), default=5)
     p.add_argument("--fp32", action="store_true", help="on CUDA: no bf16 autocast")
-    p.add_argument("--images", type=bounded_int(200), default=1200,
+    p.add_argument("--images", type=bounded_int(600), default=1200,
                    help="size of the synthetic dataset the loader is timed on")
     args = p.parse_args(argv)
     device = torch.device(check_device(args.device))

@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
-from tqdm import tqdm
 
 from . import KamalError
 from .attributes import CELEBA_ATTRIBUTES, check_attribute
@@ -188,6 +187,14 @@ def eval_resize(image_size: int) -> int:
     return round(image_size * 256 / 224)
 
 
+def resized_shape(height: int, width: int, short: int) -> tuple[int, int]:
+    """``(H, W)`` after ``transforms.Resize(short)``: the shorter side becomes ``short``,
+    the longer one ``int(short * long / shorter)`` (truncated, as torchvision does)."""
+    if height <= width:
+        return short, int(short * width / height)
+    return int(short * height / width), short
+
+
 def eval_geometry(image_size: int) -> Callable:
     """The paper's eval view at ``image_size``: ``Resize(S * 256/224)`` + ``CenterCrop(S)``."""
     return transforms.Compose([transforms.Resize(eval_resize(image_size)),
@@ -345,13 +352,12 @@ class CelebA(Dataset):
             rng = np.random.default_rng((self.seed, self.epoch, index))
             top, left, h, w = self.augment.crop_box(width, height, rng)
             return torch.tensor([top, left, h, w, float(rng.random() < 0.5)])
-        size, short = self.image_size, min(height, width)
-        resize = eval_resize(size)
-        scale = short / resize  # stored pixels per pixel of the resized image
-        resized_h, resized_w = (resize if side == short else int(resize * side / short)
-                                for side in (height, width))
-        return torch.tensor([round((resized_h - size) / 2) * scale,
-                             round((resized_w - size) / 2) * scale, size * scale, size * scale, 0.0])
+        size = self.image_size
+        resized_h, resized_w = resized_shape(height, width, eval_resize(size))
+        scale_h, scale_w = height / resized_h, width / resized_w  # stored per resized pixel
+        return torch.tensor([round((resized_h - size) / 2) * scale_h,
+                             round((resized_w - size) / 2) * scale_w,
+                             size * scale_h, size * scale_w, 0.0])
 
     def __len__(self) -> int:
         return len(self.files)

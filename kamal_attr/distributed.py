@@ -32,10 +32,12 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def is_main_process() -> bool:
+    """Rank 0, or the only process: the one that writes files and logs."""
     return rank_and_world()[0] == 0
 
 
 def barrier() -> None:
+    """Wait for every process of the group (no-op for one process)."""
     if rank_and_world()[1] > 1:
         dist.barrier()
 
@@ -48,7 +50,8 @@ def torchrun_rank_and_world() -> tuple[int, int]:
 def init_distributed(device: str, batch_size: int, independent: bool = False) -> str:
     """Join torchrun's process group when started by it; returns the device this process
     uses (``cuda:LOCAL_RANK`` for a CUDA run, ``cpu`` stays ``cpu``). ``independent``:
-    each process trains whole nets of its own (:func:`my_share`) and joins no group."""
+    each process trains whole nets of its own (:func:`my_share`); it joins a gloo group
+    only for the set-up (one process makes the demo data), then :func:`leave_group`."""
     world = torchrun_rank_and_world()[1]
     if world == 1 or dist.is_initialized():
         return device
@@ -62,20 +65,36 @@ def init_distributed(device: str, batch_size: int, independent: bool = False) ->
                              f"{torch.cuda.device_count()} CUDA devices")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    if not independent:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    dist.init_process_group("nccl" if device.startswith("cuda") and not independent else "gloo")
     return device
 
 
 def wrap(module: nn.Module, device: torch.device) -> nn.Module:
     """``module`` in ``DistributedDataParallel`` when there are several processes; a
     method's ``forward`` is its ``forward_train``. ``find_unused_parameters``: a batch may
-    route no image to some source net, whose bridges then get no gradient."""
+    route no image to some source net, whose bridges then get no gradient. No
+    ``device_ids``: the module is on its device already, and DDP would otherwise copy the
+    batch's CPU-side index to the GPU (and each step would wait to read it back)."""
     if rank_and_world()[1] == 1:
         return module
-    return nn.parallel.DistributedDataParallel(
-        module, device_ids=[device] if device.type == "cuda" else None,
-        find_unused_parameters=True)
+    return nn.parallel.DistributedDataParallel(module, device_ids=None,
+                                               find_unused_parameters=True)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is true in any process (all processes must call it)."""
+    if rank_and_world()[1] == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def leave_group() -> None:
+    """Leave torchrun's process group (after the set-up that :func:`init_distributed`
+    joined it for, when each process goes on with work of its own)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def broadcast(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from . import KamalError
-from .distributed import is_main_process, wrap
+from .distributed import any_rank, is_main_process, wrap
 from .methods import Method
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,10 @@ def train_one_epoch(method: Method, loader: Iterable, optimizer: torch.optim.Opt
     if seen == 0:
         raise KamalError(f"{desc}: no training batch (fewer images than --batch_size?)")
     finite = torch.isfinite(torch.stack(step_losses))
-    if not finite.all():
+    if any_rank(not finite.all(), device):  # every process stops, none saves this epoch
+        if finite.all():
+            raise KamalError(f"{desc}: loss is not finite in another process at epoch {epoch} "
+                             "(this epoch was not saved); lower --lr and add --overwrite")
         step = int((~finite).nonzero()[0])
         raise KamalError(f"{desc}: loss is {step_losses[step].item()} at epoch {epoch} step "
                          f"{step} (this epoch was not saved); lower --lr and add --overwrite")

@@ -100,7 +100,7 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
             models["component", attribute] = load_net(path, kind="component", attribute=attribute,
                                                        image_size=cfg.image_size)[0]
     outputs, _ = predict_many(list(models.values()), eval_loader(cfg, test_data), device,
-                              desc=f"evaluating {len(models)} nets", bf16=cfg.bf16)
+                              desc=f"evaluating {len(models)} nets")  # float32: the reported figures
     logits_of = dict(zip(models, outputs))
     target_logits = logits_of.get(("target",))
     result: dict[str, Any] = {"group": group, "split": split, "variant": cfg.variant,
@@ -283,7 +283,7 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, split: str = "test") -> dict
     device = torch.device(cfg.device)
     net, _ = load_net(path, image_size=cfg.image_size)
     data = eval_loader(cfg, dataset(cfg, split, net.attributes))
-    logits, labels = predict(net, data, device, desc=path.name, bf16=cfg.bf16)
+    logits, labels = predict(net, data, device, desc=path.name)
     accuracy = accuracy_per_head(logits, labels, net.attributes)
     positive = labels.float().mean(0)
     return {a: {"accuracy": accuracy[a], "majority": max(positive[k].item(), 1 - positive[k].item())}

@@ -7,7 +7,7 @@ decodes every image of a CelebA folder once, in the order of its attribute list,
 a slice of pages the OS keeps cached, and crops, flips and normalisation run on the device
 (:func:`kamal_attr.celeba.device_views`). Images are stored at the size the views need:
 shorter side ``min(original, round(S * 256 / 224))`` for input size S, i.e. CelebA's
-178x218 as they are for 224 px (about 19 GB for 202,599 images), 73x89 for the demo's
+178x218 as they are for 224 px (about 23.6 GB for the 202,599 images), 73x89 for the demo's
 64 px.
 
 The file is named by a hash of the dataset's lists and the stored size
@@ -30,7 +30,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import KamalError
-from .celeba import CelebALayout, eval_resize, find_celeba, load_image, read_attribute_list
+from .celeba import (CelebALayout, eval_resize, find_celeba, load_image, read_attribute_list,
+                     resized_shape)
 
 log = logging.getLogger("kamal_attr")
 
@@ -44,10 +45,11 @@ def list_digest(layout: CelebALayout) -> str:
 
 
 def stored_size(width: int, height: int, image_size: int) -> tuple[int, int]:
-    """``(H, W)`` of a stored image: shorter side ``min(original, eval resize)``, same aspect."""
-    short = min(width, height, eval_resize(image_size))
-    scale = short / min(width, height)
-    return round(height * scale), round(width * scale)
+    """``(H, W)`` of a stored image: as ``Resize(eval resize)`` makes it when that shrinks
+    the image (so the eval view is a plain crop of it), else the original size."""
+    if min(width, height) <= eval_resize(image_size):
+        return height, width
+    return resized_shape(height, width, eval_resize(image_size))
 
 
 def _first_image_size(layout: CelebALayout) -> tuple[int, int]:

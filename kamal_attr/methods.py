@@ -101,7 +101,7 @@ class SelectiveAmalgamation(Method):
         # One-hot rows (min-entropy, random): each image is taught by one source net, with
         # weight 1, so a teacher's loss is the plain MSE over its chunk of the batch.
         self.one_hot = bool(((self.routing == 0) | (self.routing == 1)).all()
-                            and (self.routing.sum(1) <= 1).all())
+                            and (self.routing.sum(1) == 1).all())
         self.heads = [t.attributes.index(attribute) for t in teachers]
         self.feature_loss = feature_loss
         self.student_taps = FeatureTaps(student)

@@ -44,8 +44,8 @@ def compute_routing(teachers: Sequence[AttributeResNet], component: str, data: C
     device = torch.device(cfg.device)
     entropies = torch.zeros(len(data), len(teachers))
     if is_main_process():
-        logits, _ = predict_many(teachers, eval_loader(cfg, data), device, desc="routing",
-                                 bf16=cfg.bf16)
+        # float32 even on CUDA: the choice compares entropies, which must not depend on precision
+        logits, _ = predict_many(teachers, eval_loader(cfg, data), device, desc="routing")
         entropies = torch.stack([entropy_impurity(z[:, t.attributes.index(component)])
                                  for z, t in zip(logits, teachers)], dim=1)
     entropies = broadcast(entropies, device)

@@ -13,7 +13,7 @@ import logging
 import random
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -99,6 +99,7 @@ def ensure_data(cfg: RunConfig) -> None:
     if demo_data_needed(cfg) and is_main_process():
         log.info("demo: generating the synthetic dataset in %s (once)", cfg.data_root)
         generate(cfg.data_root)
+    barrier()  # the other processes read it only once it is there
     if not cfg.use_cache:
         return
     path = cache_file(cfg.data_root, cfg.image_size, cfg.cache_dir)
@@ -156,7 +157,7 @@ class DeviceBatches:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for batch in self.loader:
             images, labels, index = batch[:3]
             images = images.to(self.device, non_blocking=True)
@@ -180,7 +181,8 @@ def train_loader(cfg: RunConfig, data: CelebA, seed: int) -> DeviceBatches:
     each of the W processes gets ``batch_size / W`` images of every global batch, the
     same images a single process would see in that step."""
     rank, world = rank_and_world()
-    sampler = EpochShuffle(data, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    sampler = EpochShuffle(data, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                           drop_last=True)  # no padding: W processes see what one would
     return _loader(cfg, data, cfg.batch_size // world, sampler=sampler, drop_last=True)
 
 

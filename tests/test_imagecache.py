@@ -47,6 +47,20 @@ def test_device_views_match_the_jpeg_views(cached, synthetic_root, train):
             assert torch.allclose(got, expected, atol=1e-4), f"image {index}: eval views differ"
 
 
+@pytest.mark.parametrize("size", [96, 128, 224])
+def test_eval_views_match_at_other_sizes(synthetic_root, tmp_path, size):
+    """Stored shrunk (96, 128 px: Resize's own output) or as drawn (224 px: upsampled on the
+    device), the eval view is the JPEG path's Resize + CenterCrop."""
+    stored = open_cache(build_cache(synthetic_root, size, tmp_path, workers=1), 54)
+    jpeg = CelebA(synthetic_root, "test", ATTRS, image_size=size)
+    fast = CelebA(synthetic_root, "test", ATTRS, image_size=size, stored=stored)
+    for index in range(3):
+        pixels, _, _, box = fast[index]
+        diff = (device_views(pixels[None], box[None], size)[0] - jpeg[index][0]).abs()
+        limit = 1e-4 if size < 178 * 256 / 224 else 0.03  # upsampling: PIL vs grid_sample
+        assert diff.mean() < limit, f"{size} px, image {index}: eval views differ by {diff.mean():.4f}"
+
+
 def test_a_flipped_box_mirrors_the_view(cached):
     pixels = torch.from_numpy(np.array(open_cache(cached, 54)[:2]))
     box = torch.tensor([[2.0, 3.0, 30.0, 28.0, 0.0], [2.0, 3.0, 30.0, 28.0, 1.0]])

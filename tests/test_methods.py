@@ -56,7 +56,7 @@ def test_logits_only_ablation_has_no_bridges():
 def test_teachers_stay_frozen_in_eval_mode():
     student, teachers = nets()
     method = SelectiveAmalgamation(student, teachers, "Bangs", torch.eye(2))
-    before = [t.bn1.running_mean.clone() for t in teachers]
+    before = [t.bn1.running_mean.clone() for t in method.teachers]
     optimizer = torch.optim.SGD([p for g in method.parameter_groups(0.1) for p in g["params"]], lr=0.1)
     method.train()
     assert method.student.training and not any(t.training for t in method.teachers)
@@ -65,7 +65,7 @@ def test_teachers_stay_frozen_in_eval_mode():
         optimizer.zero_grad()
         sum(parts.values()).backward()
         optimizer.step()
-    assert all(torch.equal(b, t.bn1.running_mean) for b, t in zip(before, teachers))
+    assert all(torch.equal(b, t.bn1.running_mean) for b, t in zip(before, method.teachers))
     assert not any(p.requires_grad for t in method.teachers for p in t.parameters())
     trainable = {id(p) for g in method.parameter_groups(0.1) for p in g["params"]}
     assert not trainable & {id(p) for t in method.teachers for p in t.parameters()}
@@ -111,3 +111,41 @@ def test_non_finite_loss_stops_training():
     with pytest.raises(KamalError, match="loss is nan at epoch 1 step 0"):
         train_one_epoch(Broken(model), batches, torch.optim.SGD(model.parameters(), 0.1),
                         torch.device("cpu"), epoch=1)
+
+
+def test_folded_teachers_give_the_same_outputs_and_taps():
+    from kamal_attr.models import TAP_LAYERS, FeatureTaps, fold_batchnorm
+    _, (teacher, _) = nets()
+    for m in teacher.modules():  # BatchNorm statistics as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 2)
+    teacher.eval()
+    folded = fold_batchnorm(teacher)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.layer1.modules())
+    taps, folded_taps = FeatureTaps(teacher), FeatureTaps(folded)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), folded(x), atol=1e-5)
+    for name, a, b in zip(TAP_LAYERS, taps.features(), folded_taps.features()):
+        assert torch.allclose(a, b, atol=1e-5), f"tap {name} changed by folding"
+
+
+def test_chunked_stage1_loss_is_the_weighted_mean_over_the_batch():
+    """Sorting the batch by teacher and splitting it changes nothing: the same loss as
+    sum_i (1/B) sum_{x routed to i} MSE_x computed image by image."""
+    from kamal_attr.losses import per_sample_mse
+    student, teachers = nets()
+    routing = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    method = SelectiveAmalgamation(student, teachers, "Bangs", routing).train()
+    images = torch.randn(4, 3, 32, 32)
+    parts = method.forward_train(images, None, torch.arange(4))
+    expected = 0.0
+    for n in range(4):
+        i = int(routing[n].argmax())
+        with torch.no_grad():
+            method.student.eval(), method.student.train()
+        z = method.student(images)[:, 0][n:n + 1]  # train-mode BN over the whole batch
+        with torch.no_grad():
+            zt = method.teachers[i](images[n:n + 1])[:, method.heads[i]]
+        expected += per_sample_mse(z, zt).sum().item() / 4
+    assert parts["logit"].item() == pytest.approx(expected, rel=1e-5)
