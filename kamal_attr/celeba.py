@@ -334,6 +334,19 @@ class CelebA(Dataset):
         self.eval_view = eval_geometry(image_size)
         self.seed, self.epoch = 0, 0
 
+    def __getstate__(self) -> dict:
+        """A memory-mapped cache travels to loader workers as its path and is reopened
+        there, never copied (workers started by spawn or forkserver pickle the dataset)."""
+        state = self.__dict__.copy()
+        if isinstance(self.stored, np.memmap) and self.stored.filename:
+            state["stored"] = Path(self.stored.filename)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if isinstance(self.stored, Path):
+            self.stored = np.load(self.stored, mmap_mode="r")
+
     def view(self, train: bool) -> "CelebA":
         """The same images with the train or eval view."""
         other = copy.copy(self)

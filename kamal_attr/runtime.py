@@ -171,6 +171,8 @@ class DeviceBatches:
 
 def _loader(cfg: RunConfig, data: CelebA, batch_size: int, **kwargs) -> DeviceBatches:
     device = torch.device(cfg.device)
+    # Workers are not persistent: each epoch's set_epoch changes the dataset, which
+    # workers copy when an epoch starts.
     loader = DataLoader(data, batch_size=batch_size, num_workers=cfg.workers,
                         pin_memory=device.type == "cuda", persistent_workers=False, **kwargs)
     return DeviceBatches(loader, device, cfg.image_size)

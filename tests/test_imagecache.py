@@ -73,3 +73,12 @@ def test_a_foreign_cache_file_is_refused(tmp_path):
     np.save(path, np.zeros((3, 4, 4, 3), np.float32))
     with pytest.raises(KamalError, match=r"x.npy holds float32 \(3, 4, 4, 3\).*remove it"):
         open_cache(path, 3)
+
+
+def test_a_worker_reopens_the_cache_instead_of_copying_it(cached, synthetic_root):
+    import pickle
+    data = CelebA(synthetic_root, "train", ATTRS, image_size=32, stored=open_cache(cached, 54))
+    blob = pickle.dumps(data)
+    assert len(blob) < 100_000, f"the pickled dataset carries the images ({len(blob)} bytes)"
+    copy = pickle.loads(blob)
+    assert isinstance(copy.stored, np.memmap) and torch.equal(copy[3][0], data[3][0])
