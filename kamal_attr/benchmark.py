@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real_sizes", action="store_true",
                    help="224 px, widths 64/90 for the ratios too (default on CUDA)")
     p.add_argument("--rounds", type=bounded_int(1), default=5)
+    p.add_argument("--batch_size", type=bounded_int(2), default=64)
     p.add_argument("--fp32", action="store_true", help="on CUDA: no bf16 autocast")
     p.add_argument("--images", type=bounded_int(600), default=1200,
                    help="size of the synthetic dataset the loader is timed on")
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = not (cuda or args.real_sizes)
     size, width, target_width = ((DEMO.image_size, DEMO.width, DEMO.target_width) if demo else
                                  (REAL.image_size, REAL.width, REAL.target_width))
-    batch = 64
+    batch = args.batch_size
     print(f"steps at {size} px, width {width}, target {target_width}, batch {batch} "
           f"({args.rounds} interleaved rounds, median):")
     steps = measure_steps(device, size, width, target_width, batch, bf16, args.rounds,
