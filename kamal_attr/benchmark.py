@@ -191,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
             ["--data_root", str(root), "--save_root", tmp, "--device", str(device),
              "--image_size", str(size), "--batch_size", str(batch), "--cache_dir", "cache"]
             + ["--demo"] * demo + ["--fp32"] * args.fp32))
-        cfg = dataclasses.replace(cfg, workers=default_workers() if not demo else 0)
         build_cache(root, size, cfg.cache_dir)
         batches = max(3, min(40, int(0.6 * args.images) // batch - 1))
         cached = loader_rate(cfg, root, True, batches)

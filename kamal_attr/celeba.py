@@ -10,6 +10,7 @@ Labels 1/-1 become 1/0 in :func:`read_attribute_list`, the one place that parses
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +207,50 @@ TO_TENSOR = transforms.Compose([transforms.ToTensor(),
                                 transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def list_digest(layout: CelebALayout) -> str:
+    """SHA-256 (16 hex digits) of a dataset's attribute and partition lists."""
+    h = hashlib.sha256()
+    for path in (layout.attr_file, layout.partition_file):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def stored_size(width: int, height: int, image_size: int) -> tuple[int, int]:
+    """``(H, W)`` of a stored image: as ``Resize(eval resize)`` makes it when that shrinks
+    the image (so the eval view is a plain crop of it), else the original size."""
+    if min(width, height) <= eval_resize(image_size):
+        return height, width
+    return resized_shape(height, width, eval_resize(image_size))
+
+
+def cache_path(layout: CelebALayout, first_name: str, image_size: int,
+               cache_dir: str | Path) -> tuple[Path, tuple[int, int]]:
+    """Where the decoded-image cache (:mod:`kamal_attr.imagecache`) of this dataset at input
+    size ``image_size`` lives, present or not, and the ``(H, W)`` it stores images at
+    (from the size of the list's first image, ``first_name``): named by the lists' hash,
+    so it is never used for other data."""
+    with Image.open(layout.image_dir / first_name) as im:
+        shape = stored_size(*im.size, image_size)
+    return Path(cache_dir) / f"{list_digest(layout)}-{shape[0]}x{shape[1]}.npy", shape
+
+
+def open_cache(path: Path, num_images: int) -> np.ndarray:
+    """The memory-mapped array at ``path``; raises naming the file if it is not a cache of
+    ``num_images`` images."""
+    try:
+        images = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CelebAError(f"image cache {path} cannot be read ({e}); remove it and run "
+                         "python -m kamal_attr.imagecache again") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != num_images \
+            or images.shape[3] != 3:
+        raise CelebAError(f"image cache {path} holds {images.dtype} {images.shape}, not "
+                         f"{num_images} RGB images; remove it and run "
+                         "python -m kamal_attr.imagecache again")
+    return images
+
+
+
 class TrainAugment:
     """The paper's training view: ``RandomResizedCrop(S, scale=(0.81, 1), ratio=(3/4, 4/3))``
     and a horizontal flip, drawn from an explicit ``numpy`` generator.
@@ -291,15 +336,16 @@ class CelebA(Dataset):
     per-image data such as the entropy routing. ``part=(k, P)`` keeps the k-th of P disjoint
     contiguous blocks of the split (1-based): published teachers come from different data.
 
-    ``stored``: the dataset's decoded images in list order (:mod:`kamal_attr.imagecache`,
-    memory-mapped). Then an item is ``(pixels, labels, index, box)``: the stored uint8
-    image and the box of its view, which :func:`device_views` cuts out on the device, and
-    no JPEG is read. The box is drawn from the same generator as :class:`TrainAugment`'s.
+    ``cache_dir``: where to look for the dataset's decoded-image cache (:func:`cache_path`).
+    When it is there (read memory-mapped into ``stored``), an item is ``(pixels, labels,
+    index, box)``: the stored uint8 image and the box of its view, which
+    :func:`device_views` cuts out on the device, and no JPEG is read. The box is drawn from
+    the same generator as :class:`TrainAugment`'s.
     """
 
     def __init__(self, root: str | Path, split: str, attributes: Sequence[str],
                  image_size: int = 224, train: bool = False,
-                 part: tuple[int, int] | None = None, stored: np.ndarray | None = None,
+                 part: tuple[int, int] | None = None, cache_dir: str | Path | None = None,
                  limit: int | None = None) -> None:
         if split not in SPLITS:
             raise CelebAError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
@@ -321,8 +367,12 @@ class CelebA(Dataset):
             raise CelebAError(f"{self.layout.partition_file}: the {split} split is empty")
         self.files = [self.layout.image_dir / names[i] for i in keep]
         self.rows = keep
-        self.stored = stored
-        if stored is None:
+        self.stored: np.ndarray | None = None
+        if cache_dir is not None:
+            path, _ = cache_path(self.layout, names[0], image_size, cache_dir)
+            if path.exists():
+                self.stored = open_cache(path, len(names))
+        if self.stored is None:
             absent = next((f for f in self.files if not f.exists()), None)
             if absent is not None:
                 raise CelebAError(f"image missing: {absent} (listed in {self.layout.attr_file})")

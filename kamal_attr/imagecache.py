@@ -18,7 +18,6 @@ temporary name and renamed when complete. Nothing is written into the data folde
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import multiprocessing
 import os
@@ -29,56 +28,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from . import KamalError
-from .celeba import (CelebALayout, eval_resize, find_celeba, load_image, read_attribute_list,
-                     resized_shape)
+from .celeba import cache_path, find_celeba, load_image, open_cache, read_attribute_list
 
 log = logging.getLogger("kamal_attr")
-
-
-def list_digest(layout: CelebALayout) -> str:
-    """SHA-256 (16 hex digits) of a dataset's attribute and partition lists."""
-    h = hashlib.sha256()
-    for path in (layout.attr_file, layout.partition_file):
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def stored_size(width: int, height: int, image_size: int) -> tuple[int, int]:
-    """``(H, W)`` of a stored image: as ``Resize(eval resize)`` makes it when that shrinks
-    the image (so the eval view is a plain crop of it), else the original size."""
-    if min(width, height) <= eval_resize(image_size):
-        return height, width
-    return resized_shape(height, width, eval_resize(image_size))
-
-
-def _first_image_size(layout: CelebALayout) -> tuple[int, int]:
-    names, _ = read_attribute_list(layout.attr_file)
-    with Image.open(layout.image_dir / names[0]) as im:
-        return im.size
 
 
 def cache_file(data_root: str | Path, image_size: int, cache_dir: str | Path) -> Path:
     """Where the cache of ``data_root`` at input size ``image_size`` lives (present or not)."""
     layout = find_celeba(data_root)
-    height, width = stored_size(*_first_image_size(layout), image_size)
-    return Path(cache_dir) / f"{list_digest(layout)}-{height}x{width}.npy"
-
-
-def open_cache(path: Path, num_images: int) -> np.ndarray:
-    """The memory-mapped array at ``path``; raises naming the file if it is not a cache of
-    ``num_images`` images."""
-    try:
-        images = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise KamalError(f"image cache {path} cannot be read ({e}); remove it and run "
-                         "python -m kamal_attr.imagecache again") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != num_images \
-            or images.shape[3] != 3:
-        raise KamalError(f"image cache {path} holds {images.dtype} {images.shape}, not "
-                         f"{num_images} RGB images; remove it and run "
-                         "python -m kamal_attr.imagecache again")
-    return images
+    return cache_path(layout, read_attribute_list(layout.attr_file)[0][0], image_size, cache_dir)[0]
 
 
 def _decode(job: tuple[Path, int, int]) -> np.ndarray:
@@ -93,13 +51,12 @@ def build_cache(data_root: str | Path, image_size: int, cache_dir: str | Path,
                 workers: int | None = None) -> Path:
     """Decode every image of ``data_root`` into the cache for ``image_size`` (see the module
     docstring); returns its path, without work if it exists."""
-    path = cache_file(data_root, image_size, cache_dir)
     layout = find_celeba(data_root)
     names, _ = read_attribute_list(layout.attr_file)
+    path, (height, width) = cache_path(layout, names[0], image_size, cache_dir)
     if path.exists():
         open_cache(path, len(names))
         return path
-    height, width = (int(v) for v in path.stem.rsplit("-", 1)[1].split("x"))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
     jobs = [(layout.image_dir / n, height, width) for n in names]
@@ -129,6 +86,7 @@ def build_cache(data_root: str | Path, image_size: int, cache_dir: str | Path,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m kamal_attr.imagecache``: build the cache of one dataset and image size."""
     from .cli import ArgumentParser, run
     from .config import IMAGE_SIZE, REPO_ROOT, bounded_int
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

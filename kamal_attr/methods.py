@@ -25,19 +25,15 @@ from .models import TAP_LAYERS, AttributeResNet, FeatureTaps, fold_batchnorm, ta
 BRIDGE_LR_SCALE = (1.0, 1.0, 0.1, 1.0, 1.0)
 
 
-def freeze(net: AttributeResNet) -> AttributeResNet:
-    """A teacher as a method runs it: a copy in eval mode, without gradients, BatchNorm
-    folded (:func:`~kamal_attr.models.fold_batchnorm`); the caller's net is left as it is."""
-    return fold_batchnorm(net)
-
-
 class Method(nn.Module):
     """Base class: a student plus frozen ``teachers`` kept in eval mode by ``train()``."""
 
     def __init__(self, student: AttributeResNet, teachers: Sequence[AttributeResNet] = ()) -> None:
         super().__init__()
         self.student = student
-        self.teachers = nn.ModuleList(freeze(t) for t in teachers)
+        # Frozen copies (eval mode, no gradients, BatchNorm folded); the caller's nets are
+        # left as they are.
+        self.teachers = nn.ModuleList(fold_batchnorm(t) for t in teachers)
 
     def train(self, mode: bool = True) -> "Method":
         super().train(mode)
@@ -146,12 +142,13 @@ class SelectiveAmalgamation(Method):
         def chunks(x: torch.Tensor) -> Sequence[torch.Tensor]:
             return x.split(counts) if counts else [x] * len(self.teachers)
 
-        if counts:  # sum_{x in chunk i} (1/B) MSE_x = (n_i / B) * MSE over the chunk
-            distill = [lambda a, b, n=n: F.mse_loss(a, b) * (n / batch) for n in counts]
-        else:  # sum_x (w_xi / B) MSE_x
-            weights = (rows / batch).to(images.device, non_blocking=True)
-            distill = [lambda a, b, i=i: (weights[:, i] * per_sample_mse(a, b)).sum()
-                       for i in range(len(self.teachers))]
+        weights = None if counts else (rows / batch).to(images.device, non_blocking=True)
+
+        def distill(i: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            """Teacher i's term: ``sum_x (w_xi / B) MSE_x`` over the images it teaches."""
+            if counts:  # one-hot: its chunk, all weights 1, so (n_i / B) * the chunk's MSE
+                return F.mse_loss(a, b) * (counts[i] / batch)
+            return (weights[:, i] * per_sample_mse(a, b)).sum()
         image_chunks, logit_chunks = chunks(images), chunks(z_student)
         feature_chunks = list(zip(*(chunks(f) for f in f_student)))  # per teacher, per tap
         losses = {"logit": images.new_zeros(())}
@@ -164,12 +161,12 @@ class SelectiveAmalgamation(Method):
             with torch.no_grad():
                 z_teacher = teacher(x)[:, self.heads[i]]
                 f_teacher = self.teacher_taps[i].features()
-            losses["logit"] = losses["logit"] + distill[i](z, z_teacher)
+            losses["logit"] = losses["logit"] + distill(i, z, z_teacher)
             if self.feature_loss:
                 source_side = self.source_bridges[i](f_teacher)
                 component_side = self.component_bridges[i](f)
                 for tap, c, s in zip(TAP_LAYERS, component_side, source_side):
-                    losses[f"feature/{tap}"] = losses[f"feature/{tap}"] + distill[i](c, s)
+                    losses[f"feature/{tap}"] = losses[f"feature/{tap}"] + distill(i, c, s)
         if self.feature_loss:
             losses["penalty"] = torch.stack([unit_norm_penalty(br) for br in self.source_bridges]).sum()
         return losses

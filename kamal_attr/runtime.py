@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from . import KamalError
-from .celeba import CelebA, CelebAError, device_views, find_celeba, read_attribute_list
+from .celeba import CelebA, CelebAError, device_views, find_celeba, list_digest
 from .config import RunConfig
 from .distributed import barrier, init_distributed, is_main_process, rank_and_world
-from .imagecache import build_cache, cache_file, list_digest, open_cache
+from .imagecache import build_cache, cache_file
 from .synthetic import check_writable, generate
 
 log = logging.getLogger("kamal_attr")
@@ -122,13 +122,8 @@ def dataset(cfg: RunConfig, split: str, attributes: Sequence[str], train: bool =
             part: tuple[int, int] | None = None) -> CelebA:
     """One split; reads the decoded-image cache when there is one (and ``--no_cache`` is
     not given), else the JPEGs."""
-    stored = None
-    if cfg.use_cache:
-        path = cache_file(cfg.data_root, cfg.image_size, cfg.cache_dir)
-        if path.exists():
-            stored = open_cache(path, len(read_attribute_list(find_celeba(cfg.data_root).attr_file)[0]))
     return CelebA(cfg.data_root, split, attributes, cfg.image_size, train=train, part=part,
-                  stored=stored)
+                  cache_dir=cfg.cache_dir if cfg.use_cache else None)
 
 
 class EpochShuffle(DistributedSampler):

@@ -25,11 +25,11 @@ from .checkpoint import (TrainingPlan, atomic_save, component_dir, epoch_file, f
                          net_record, other_epochs, plan_training, saved_epoch, source_dir,
                          target_dir, weights_digest)
 from .config import RunConfig
+from .distributed import barrier, is_main_process
 from .engine import OptimConfig, build_optimizer, build_scheduler, fit, place
 from .methods import Method, SelectiveAmalgamation, SourceTraining, TargetAmalgamation
 from .models import AttributeResNet, build_model, describe_init
 from .routing import compute_routing, write_routing
-from .distributed import barrier, is_main_process
 from .runtime import data_digest, dataset, eval_loader, open_writer, seed_everything, train_loader
 
 log = logging.getLogger("kamal_attr")
@@ -84,7 +84,6 @@ def train_net(method: Method, plan: TrainingPlan, recipe: dict[str, Any], cfg: R
     from the seed and the epoch), and per-epoch checkpoints that carry ``recipe``."""
     device = torch.device(cfg.device)
     place(method, device)
-    main = is_main_process()
     optimizer = build_optimizer(method.parameter_groups(optim_cfg.lr), optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, epochs)
     if plan.resume is not None:
@@ -118,8 +117,7 @@ def train_net(method: Method, plan: TrainingPlan, recipe: dict[str, Any], cfg: R
         if writer is not None:
             writer.close()
     barrier()  # the other processes go on once the main one has saved the final epoch
-    if main:
-        log.info("%s: saved %s", name, plan.final)
+    log.info("%s: saved %s", name, plan.final)  # (their logs show warnings only)
     return plan.final
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from kamal_attr import KamalError
-from kamal_attr.celeba import CelebA, device_views
-from kamal_attr.imagecache import build_cache, cache_file, open_cache
+from kamal_attr.celeba import CelebA, device_views, open_cache
+from kamal_attr.imagecache import build_cache, cache_file
 
 ATTRS = ["Black_Hair", "Smiling"]
 
@@ -30,9 +30,9 @@ def test_cache_holds_every_image_at_the_eval_resize(cached, synthetic_root):
 
 @pytest.mark.parametrize("train", [False, True])
 def test_device_views_match_the_jpeg_views(cached, synthetic_root, train):
-    stored = open_cache(cached, 54)
     jpeg = CelebA(synthetic_root, "train", ATTRS, image_size=32, train=train)
-    fast = CelebA(synthetic_root, "train", ATTRS, image_size=32, train=train, stored=stored)
+    fast = CelebA(synthetic_root, "train", ATTRS, image_size=32, train=train, cache_dir=cached.parent)
+    assert jpeg.stored is None and fast.stored is not None
     for data in (jpeg, fast):
         data.set_epoch(3, seed=7)
     for index in range(4):
@@ -51,9 +51,10 @@ def test_device_views_match_the_jpeg_views(cached, synthetic_root, train):
 def test_eval_views_match_at_other_sizes(synthetic_root, tmp_path, size):
     """Stored shrunk (96, 128 px: Resize's own output) or as drawn (224 px: upsampled on the
     device), the eval view is the JPEG path's Resize + CenterCrop."""
-    stored = open_cache(build_cache(synthetic_root, size, tmp_path, workers=1), 54)
+    build_cache(synthetic_root, size, tmp_path, workers=1)
     jpeg = CelebA(synthetic_root, "test", ATTRS, image_size=size)
-    fast = CelebA(synthetic_root, "test", ATTRS, image_size=size, stored=stored)
+    fast = CelebA(synthetic_root, "test", ATTRS, image_size=size, cache_dir=tmp_path)
+    assert fast.stored is not None
     for index in range(3):
         pixels, _, _, box = fast[index]
         diff = (device_views(pixels[None], box[None], size)[0] - jpeg[index][0]).abs()
@@ -77,7 +78,7 @@ def test_a_foreign_cache_file_is_refused(tmp_path):
 
 def test_a_worker_reopens_the_cache_instead_of_copying_it(cached, synthetic_root):
     import pickle
-    data = CelebA(synthetic_root, "train", ATTRS, image_size=32, stored=open_cache(cached, 54))
+    data = CelebA(synthetic_root, "train", ATTRS, image_size=32, cache_dir=cached.parent)
     blob = pickle.dumps(data)
     assert len(blob) < 100_000, f"the pickled dataset carries the images ({len(blob)} bytes)"
     copy = pickle.loads(blob)
