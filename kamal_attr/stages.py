@@ -25,7 +25,7 @@ from .checkpoint import (TrainingPlan, atomic_save, component_dir, epoch_file, f
                          net_record, other_epochs, plan_training, saved_epoch, source_dir,
                          target_dir, weights_digest)
 from .config import RunConfig
-from .distributed import barrier, is_main_process
+from .distributed import barrier, is_main_process, rank_and_world
 from .engine import OptimConfig, build_optimizer, build_scheduler, fit, place
 from .methods import Method, SelectiveAmalgamation, SourceTraining, TargetAmalgamation
 from .models import AttributeResNet, build_model, describe_init
@@ -84,6 +84,12 @@ def train_net(method: Method, plan: TrainingPlan, recipe: dict[str, Any], cfg: R
     from the seed and the epoch), and per-epoch checkpoints that carry ``recipe``."""
     device = torch.device(cfg.device)
     place(method, device)
+    # How, not what, it learns (outside the recipe): recorded, and a resume under other
+    # conditions is allowed but said, since it is then not bitwise an uninterrupted run.
+    conditions = {"precision": "bf16" if cfg.bf16 else "fp32",
+                  "images": "cache" if train_data.stored is not None else "jpeg",
+                  "processes": rank_and_world()[1]}
+    record = {**record, "conditions": conditions}
     optimizer = build_optimizer(method.parameter_groups(optim_cfg.lr), optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, epochs)
     if plan.resume is not None:
@@ -96,6 +102,12 @@ def train_net(method: Method, plan: TrainingPlan, recipe: dict[str, Any], cfg: R
         scheduler.load_state_dict(plan.resume["scheduler"])
         log.info("%s: resumed from %s after epoch %d of %d", name, plan.out_dir / "last.pth",
                  plan.start_epoch - 1, epochs)
+        before = plan.resume.get("conditions", conditions)
+        changed = [f"{k}: {before.get(k)} -> {v}" for k, v in conditions.items() if before.get(k) != v]
+        if changed:
+            log.warning("%s: epochs 1-%d ran under other conditions (%s); the result will not be "
+                        "bitwise that of an uninterrupted run", name, plan.start_epoch - 1,
+                        ", ".join(changed))
     kind = record["kind"]
     extra = {k: v for k, v in record.items() if k != "kind"}
     writer = open_writer(run_dir, cfg, {"net": name, "fingerprint": fingerprint(recipe), **extra},

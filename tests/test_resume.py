@@ -116,3 +116,22 @@ def test_overwrite_starts_over_and_leaves_no_old_epochs(uninterrupted, synthetic
     assert killed.returncode == -9
     assert sorted(p.name for p in folder.iterdir()) == ["epoch_001.pth", "last.pth"]
     assert load_checkpoint(folder / "last.pth")["recipe"]["seed"] == 7 + 1000
+
+
+def test_a_resume_under_other_conditions_is_said(uninterrupted, synthetic_root, tmp_path, caplog):
+    """Precision, image source and process count are not in the recipe (they change how,
+    not what, a net learns), but a resume under others is logged: it is not bitwise."""
+    import shutil
+    from kamal_attr.checkpoint import atomic_save
+    root = tmp_path / "copy"
+    shutil.copytree(uninterrupted / "snapshot", root / "snapshot")
+    last_path = root / "snapshot/sources/face/source1_Oval_Face/last.pth"
+    last = load_checkpoint(last_path)
+    assert last["conditions"] == {"precision": "fp32", "images": "jpeg", "processes": 1}
+    atomic_save({**last, "epoch": 2, "conditions": {**last["conditions"], "precision": "bf16"}},
+                last_path)  # as if epochs 1-2 had run on a GPU in bf16
+    args = ["--target_attribute", "Oval_Face", "--source_id", "1", "--epochs", "3", "--width",
+            "4", "--pretrained", "none"] + common(root, synthetic_root)
+    with caplog.at_level("WARNING", logger="kamal_attr"):
+        train_sourcenet.main(train_sourcenet.get_args_parser().parse_args(args))
+    assert "epochs 1-2 ran under other conditions (precision: bf16 -> fp32)" in caplog.text
