@@ -36,10 +36,14 @@ import torch
 import torchvision
 
 from .attributes import GROUPS, source_nets_of
-from .config import DEMO, REAL, RunConfig, bounded_int, check_device, default_device, default_workers
+from .config import (DEMO, REAL, RunConfig, add_common_args, bounded_int, check_device,
+                     default_device, default_workers, resolve_config)
 from .engine import OptimConfig, autocast, build_optimizer, place
+from .imagecache import build_cache
 from .methods import Method, SelectiveAmalgamation, SourceTraining, TargetAmalgamation
 from .models import AttributeResNet
+from .runtime import dataset, train_loader
+from .synthetic import generate
 
 #: The paper's protocol (METHOD.md): nets per stage, epochs, CelebA's train and val sizes.
 PROTOCOL = {"source nets": 22, "component nets": 10, "target nets": 3}
@@ -106,6 +110,7 @@ def stage_methods(width: int, target_width: int, batch: int) -> dict[str, Callab
 
 def measure_steps(device: torch.device, image_size: int, width: int, target_width: int,
                   batch: int, bf16: bool, rounds: int, per_round: int) -> dict[str, float]:
+    """Median img/s of each step of :func:`stage_methods` and the two ratios of target 4."""
     torch.manual_seed(0)
     steps = {name: build_step(make(), device, image_size, batch, bf16)
              for name, make in stage_methods(width, target_width, batch).items()}
@@ -116,10 +121,9 @@ def measure_steps(device: torch.device, image_size: int, width: int, target_widt
     return out
 
 
-def loader_rate(cfg: RunConfig, data_root: Path, use_cache: bool, batches: int) -> float:
+def loader_rate(cfg: RunConfig, use_cache: bool, batches: int) -> float:
     """img/s of the training loader (order, views, transfer to the device) alone."""
-    from .runtime import dataset, train_loader
-    run_cfg = dataclasses.replace(cfg, data_root=data_root, use_cache=use_cache)
+    run_cfg = dataclasses.replace(cfg, use_cache=use_cache)
     loader = train_loader(run_cfg, dataset(run_cfg, "train", ["Smiling"], train=True), seed=0)
     loader.sampler.set_epoch(1)
     seen, start = 0, None
@@ -180,9 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("source net", "plain student", "stage 1", "plain target", "stage 2"):
         print(f"  {k:14s} {steps[k]:8.0f} img/s")
 
-    from .config import add_common_args, resolve_config
-    from .imagecache import build_cache
-    from .synthetic import generate
     with tempfile.TemporaryDirectory() as tmp:
         root = generate(Path(tmp) / "celeba", num_images=args.images, seed=0)
         flags = argparse.ArgumentParser()
@@ -193,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             + ["--demo"] * demo + ["--fp32"] * args.fp32))
         build_cache(root, size, cfg.cache_dir)
         batches = max(3, min(40, int(0.6 * args.images) // batch - 1))
-        cached = loader_rate(cfg, root, True, batches)
-        jpeg = loader_rate(dataclasses.replace(cfg, workers=default_workers()), root, False, batches)
+        cached = loader_rate(cfg, True, batches)
+        jpeg = loader_rate(dataclasses.replace(cfg, workers=default_workers()), False, batches)
     fastest = max(steps[k] for k in ("source net", "stage 1", "stage 2"))
     print(f"loader at {size} px: {cached:.0f} img/s from the decoded-image cache "
           f"({cfg.workers} workers), {jpeg:.0f} img/s from JPEGs ({default_workers()} workers)")
