@@ -1,6 +1,7 @@
-"""Test-split accuracy of a group's source nets, component nets and target net.
+"""Test-split accuracy of a task's (a group's, or any attribute set's) teachers, components and target.
 
     python evaluate.py --target_attribute hair --demo --json run/demo/hair.json
+    python evaluate.py --attributes Black_Hair Smiling Male --demo
     python evaluate.py --checkpoint snapshot/sources/hair/source1_Black_Hair/epoch_040.pth
 """
 from __future__ import annotations
@@ -9,11 +10,11 @@ import argparse
 import json
 from pathlib import Path
 
-from kamal_attr.attributes import check_group
 from kamal_attr.cli import ArgumentParser, run
-from kamal_attr.config import add_amalgamation_args, add_common_args, resolve_config
+from kamal_attr.config import add_amalgamation_args, add_common_args, add_task_args, resolve_config
 from kamal_attr.distributed import is_main_process
-from kamal_attr.evaluation import evaluate_checkpoint, locate_nets, report_group
+from kamal_attr.evaluation import evaluate_checkpoint, locate_nets, report_task
+from kamal_attr.pool import select_task
 from kamal_attr.runtime import demo_data_needed, ensure_data, start
 
 
@@ -21,7 +22,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to evaluate")
-    g.add_argument("--target_attribute", default="hair", help="group: hair, eye or face")
+    add_task_args(g)
     g.add_argument("--checkpoint", type=Path, help="instead: any one checkpoint of this project")
     g.add_argument("--split", choices=["train", "val", "test"], default="test")
     g.add_argument("--json", type=Path, help="also write the result as JSON here")
@@ -34,17 +35,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    group = check_group(args.target_attribute)
     cfg = resolve_config(args)
     demo_data_needed(cfg)
-    if not args.checkpoint:
-        locate_nets(group, cfg)  # an epoch that was not saved: stop before writing anything
+    if not args.checkpoint:  # an uncovered attribute or an epoch that was not saved: stop
+        task = select_task(args.target_attribute, args.attributes, args.name,  # before writing
+                           cfg.sources_root, cfg.source_save_epoch)
+        locate_nets(task, cfg)
     start(cfg)
     ensure_data(cfg)
     if not is_main_process():  # under torchrun, one process evaluates
         return
     if not args.checkpoint:
-        report_group(group, cfg, args.split, args.json, args.by_style)
+        report_task(task, cfg, args.split, args.json, args.by_style)
         return
     accuracy = evaluate_checkpoint(args.checkpoint, cfg, args.split)
     width = max(len(a) for a in accuracy)

@@ -2,6 +2,8 @@
 
     python train_sourcenet.py --target_attribute Black_Hair --source_id 1
     python train_sourcenet.py --all --group hair --demo
+    python train_sourcenet.py --attributes Smiling Male --name smile_male --arch resnet34
+    python train_sourcenet.py --list_pool --demo         # the teachers train.py --attributes sees
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from kamal_attr.attributes import (CELEBA_ATTRIBUTES, SOURCE_NETS, SourceNetSpec
 from kamal_attr.cli import ArgumentParser, run
 from kamal_attr.config import (DEMO, POSITIVE, REAL, WIDTH, add_common_args, learning_rate,
                                resolve_config)
-from kamal_attr.models import describe_init
+from kamal_attr.models import ARCHS, describe_init
+from kamal_attr.pool import discover_pool, format_pool
 from kamal_attr.distributed import leave_group, my_share
 from kamal_attr.runtime import demo_data_needed, ensure_data, setup_logging, start
 from kamal_attr.stages import train_source_net
@@ -32,7 +35,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--group", choices=["hair", "eye", "face"], help="with --all")
     g.add_argument("--attributes", nargs="+",
                    help="instead: a net on these attributes ('all' = the 40), saved as --name")
-    g.add_argument("--name", default="custom", help="folder name of an --attributes net")
+    g.add_argument("--name", default="custom", help="folder name of an --attributes net "
+                   "(saved under --sourcenets_root/custom/NAME)")
+    g.add_argument("--list_pool", action="store_true",
+                   help="print the teacher pool (every source net under --sourcenets_root: "
+                        "architecture, width, input size, epoch, val accuracy) and exit")
     g.add_argument("--train_part", help="train on part k of P disjoint blocks of the train split, "
                    "as 'k/P' (demo default: the k-th of an attribute's S source nets uses part k/S)")
     add_common_args(p)
@@ -43,8 +50,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=["sgd", "adam"])
     g.add_argument("--schedule", choices=["step", "cosine"],
                    help="per-epoch schedule: x0.5 at 5,10,...,25 (step) or cosine (demo)")
-    g.add_argument("--width", type=WIDTH, help="ResNet-18 base width (64; demo 16)")
-    g.add_argument("--pretrained", help="ImageNet init: auto (weights/resnet/*.pth if present), "
+    g.add_argument("--arch", choices=list(ARCHS), help="architecture (resnet18)")
+    g.add_argument("--width", type=WIDTH, help="base width (64; demo 16)")
+    g.add_argument("--pretrained", help="ImageNet init: auto (weights/resnet/<arch>*.pth if present), "
                    "none, or a .pth path (default auto; demo none)")
     return p
 
@@ -63,6 +71,9 @@ def parse_part(text: str | None) -> tuple[int, int] | None:
 
 def main(args: argparse.Namespace) -> None:
     cfg = resolve_config(args)
+    if args.list_pool:
+        print(format_pool(*discover_pool(cfg.sources_root, cfg.source_save_epoch), cfg.sources_root))
+        return
     part = parse_part(args.train_part)
     if args.attributes:
         names = CELEBA_ATTRIBUTES if args.attributes == ["all"] else tuple(
@@ -72,7 +83,7 @@ def main(args: argparse.Namespace) -> None:
         specs = list(source_nets_of(args.group) if args.group else SOURCE_NETS)
     else:
         specs = [source_net(check_attribute(args.target_attribute), args.source_id)]
-    describe_init(cfg.pretrained, cfg.width, cfg.weights_dir)  # missing weights: stop now
+    describe_init(cfg.pretrained, cfg.width, cfg.weights_dir, cfg.arch)  # missing weights: stop now
     demo_data_needed(cfg)
     # Under torchrun, --all gives each process whole source nets (they are independent);
     # one net is trained by all processes together (DistributedDataParallel).

@@ -131,7 +131,7 @@ def net_record(kind: str, model: AttributeResNet, image_size: int, epoch: int,
         raise ValueError(f"kind must be one of {KINDS}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     provenance = {} if recipe is None else {"recipe": dict(recipe), "fingerprint": fingerprint(recipe)}
-    return {"format": FORMAT, "kind": kind, "arch": "resnet18", "width": model.width,
+    return {"format": FORMAT, "kind": kind, "arch": model.arch, "width": model.width,
             "attributes": list(model.attributes), "image_size": image_size,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "epoch": epoch,
             "model": state, "digest": weights_digest(state), **provenance, **extra}
@@ -237,9 +237,11 @@ def load_net(path: str | Path, kind: str | None = None, attribute: str | None = 
     if image_size is not None and ckpt["image_size"] != image_size:
         raise KamalError(f"{path} was trained at {ckpt['image_size']} px, this run uses "
                          f"{image_size} px; pass --image_size {ckpt['image_size']}")
-    model = AttributeResNet(ckpt["attributes"], ckpt["width"])
     try:
+        model = AttributeResNet(ckpt["attributes"], ckpt["width"], ckpt.get("arch", "resnet18"))
         model.load_state_dict(ckpt["model"])
+    except KeyError as e:
+        raise KamalError(f"{path}: its record lacks {e}") from None
     except RuntimeError as e:
         raise KamalError(f"{path}: weights do not match its record: "
                          f"{str(e).splitlines()[0]}") from None

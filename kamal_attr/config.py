@@ -115,6 +115,8 @@ class RunConfig:
     target_width: int
     batch_size: int
     workers: int
+    arch: str  # of the nets a script trains: source nets, or component nets (train.py)
+    target_arch: str
     cache_dir: Path
     use_cache: bool
     bf16: bool
@@ -179,6 +181,18 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: cuda if present)")
     g.add_argument("--overwrite", action="store_true",
                    help="retrain nets whose final checkpoint exists (default: reuse them)")
+
+
+def add_task_args(g: argparse._ArgumentGroup) -> None:
+    """Flags that name a task (``train.py``, ``evaluate.py``): a preset group, or any
+    attribute set taught by the teacher pool."""
+    g.add_argument("--target_attribute", default="hair", help="preset group: hair, eye or face "
+                   "(default hair; METHOD.md's source nets)")
+    g.add_argument("--attributes", nargs="+", metavar="ATTRIBUTE",
+                   help="instead: any CelebA attributes, each taught by every source net under "
+                        "--sourcenets_root with a head for it (the teacher pool)")
+    g.add_argument("--name", help="with --attributes: the task's folder name (default: the "
+                   "attributes joined by '-')")
 
 
 def add_amalgamation_args(g: argparse._ArgumentGroup) -> None:
@@ -263,6 +277,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         target_width=get("target_width", preset.target_width),
         batch_size=get("batch_size", preset.batch_size),
         workers=get("workers", preset.workers if preset.workers is not None else default_workers()),
+        arch=get("arch", "resnet18"),
+        target_arch=get("target_arch", "resnet18"),
         cache_dir=base / (getattr(args, "cache_dir", None) or "data/cache"),
         use_cache=not getattr(args, "no_cache", False),
         bf16=device_type == "cuda" and not getattr(args, "fp32", False),

@@ -1,6 +1,7 @@
-"""Test-split report of a group: teachers, the label-free min-entropy choice, component and
-target nets per attribute, and the entropy of correct vs wrong teacher predictions (the
-paper's evidence that entropy impurity is a proxy for correctness)."""
+"""Test-split report of a task (a group, or any attribute set): teachers, the label-free
+min-entropy choice, component and target nets per attribute, the entropy of correct vs wrong
+teacher predictions (the paper's evidence that entropy impurity is a proxy for
+correctness), and each net's parameters and MFLOPs."""
 from __future__ import annotations
 
 import json
@@ -12,11 +13,13 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from . import KamalError
-from .attributes import GROUPS, source_nets_of
-from .checkpoint import component_dir, load_net, saved_epoch, source_dir, target_dir
+from .celeba import IMAGENET_MEAN, IMAGENET_STD
+from .checkpoint import component_dir, load_net, saved_epoch, target_dir
 from .config import RunConfig
 from .engine import accuracy_per_head, predict, predict_many
 from .losses import entropy_impurity, route_by_entropy
+from .models import input_adapter, net_cost
+from .pool import Teacher, Task
 from .runtime import dataset, eval_loader
 from .synthetic import STYLE_LIST, STYLES, read_styles
 
@@ -43,32 +46,37 @@ def _by_style(styles: list[str], ids: list[str], logits: torch.Tensor, entropies
     return out
 
 
-def locate_nets(group: str, cfg: RunConfig) -> dict[str, Any]:
-    """The checkpoint of every net of ``group`` that this run's flags name: ``sources``
-    (attribute -> [(spec, path)]), ``components`` (attribute -> path) and ``target``; a path
-    is ``None`` for a net never trained. Raises, before anything is written, for an epoch
-    that a trained net does not have (listing those it has)."""
+def locate_nets(task: Task, cfg: RunConfig) -> dict[str, Any]:
+    """The checkpoint of every net of ``task`` that this run's flags name: ``sources``
+    (attribute -> [(teacher, path)]), ``components`` (attribute -> path) and ``target``; a
+    path is ``None`` for a net never trained. Raises, before anything is written, for an
+    epoch that a trained net does not have (listing those it has)."""
+    def teacher_path(t: Teacher) -> Path | None:
+        if t.spec is None:  # a pool teacher: found as a file
+            return t.path
+        return saved_epoch(t.path.parent, cfg.source_save_epoch, "--sorce_saveEpoch")
+
     return {
-        "sources": {a: [(s, saved_epoch(source_dir(cfg.sources_root, s), cfg.source_save_epoch,
-                                        "--sorce_saveEpoch")) for s in source_nets_of(group, a)]
-                    for a in GROUPS[group]},
-        "components": {a: saved_epoch(component_dir(cfg.components_root, group, cfg.variant, a),
+        "sources": {a: [(t, teacher_path(t)) for t in task.teachers[a]] for a in task.attributes},
+        "components": {a: saved_epoch(component_dir(cfg.components_root, task.name, cfg.variant, a),
                                       cfg.component_epochs, "--component_saveEpoch")
-                       for a in GROUPS[group]},
-        "target": saved_epoch(target_dir(cfg.target_root, group, cfg.variant), cfg.target_epochs,
-                              "--target_epoch")}
+                       for a in task.attributes},
+        "target": saved_epoch(target_dir(cfg.target_root, task.name, cfg.variant),
+                              cfg.target_epochs, "--target_epoch")}
 
 
-def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
-                   writer: SummaryWriter | None = None, by_style: bool = False) -> dict[str, Any]:
-    """Per attribute of ``group``: every source net's accuracy, the best of them, the
-    min-entropy choice among them (per image, no labels), the component and the target net.
-    ``by_style`` adds, per photo style of the synthetic data, what the source nets and the
-    min-entropy choice get right (the reason selection helps, or not).
+def evaluate_task(task: Task, cfg: RunConfig, split: str = "test",
+                  writer: SummaryWriter | None = None, by_style: bool = False) -> dict[str, Any]:
+    """Per attribute of ``task``: every teacher's accuracy, the best of them, the
+    min-entropy choice among them (per image, no labels), the component and the target net;
+    and every net's parameters and MFLOPs per image (``nets``), the target's against the
+    sum of its teachers (``cost``). ``by_style`` adds, per photo style of the synthetic
+    data, what the teachers and the min-entropy choice get right (the reason selection
+    helps, or not).
 
     Nets whose checkpoint is absent are reported as ``None`` (and logged), never replaced.
     """
-    attributes = GROUPS[group]
+    attributes = task.attributes
     device = torch.device(cfg.device)
     test_data = dataset(cfg, split, attributes)
     labels = test_data.labels  # the loader does not shuffle: row n is image n
@@ -79,51 +87,61 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
             raise KamalError(f"--by_style needs the synthetic data's {STYLE_LIST} in "
                              f"{cfg.data_root}; real CelebA has no photo styles")
         styles = [style_of.get(f.name, "?") for f in test_data.files]
-    nets = locate_nets(group, cfg)
-    models: dict[tuple, torch.nn.Module] = {}  # every net present, run in one pass below
+    nets = locate_nets(task, cfg)
+    # every net present, run in one pass below; teachers fed their own input size/normalisation
+    models: dict[tuple, torch.nn.Module] = {}
+    about: dict[tuple, dict[str, Any]] = {}
+
+    def add(key: tuple, path: Path, kind: str, attribute: str | None = None) -> None:
+        net, rec = load_net(path, kind=kind, attribute=attribute,
+                            image_size=None if kind == "source" else cfg.image_size)
+        models[key] = torch.nn.Sequential(
+            input_adapter(rec, cfg.image_size, IMAGENET_MEAN, IMAGENET_STD), net)
+        about[key] = {"path": str(path), "arch": net.arch, "width": net.width,
+                      "image_size": rec["image_size"], **net_cost(net, rec["image_size"])}
+
     if nets["target"] is not None:
-        models["target",] = load_net(nets["target"], kind="target", image_size=cfg.image_size)[0]
+        add(("target",), nets["target"], "target")
     else:
-        log.warning("no target net in %s", target_dir(cfg.target_root, group, cfg.variant))
+        log.warning("no target net in %s", target_dir(cfg.target_root, task.name, cfg.variant))
     for attribute in attributes:
-        for spec, path in nets["sources"][attribute]:
+        for teacher, path in nets["sources"][attribute]:
             if path is None:
-                log.warning("no source net in %s", source_dir(cfg.sources_root, spec))
-            else:
-                models["source", spec] = load_net(path, kind="source", attribute=attribute,
-                                                  image_size=cfg.image_size)[0]
+                log.warning("no source net in %s", teacher.path.parent)
+            elif ("source", teacher.name) not in models:
+                add(("source", teacher.name), path, "source", attribute)
         path = nets["components"][attribute]
         if path is None:
             log.warning("no component net in %s",
-                        component_dir(cfg.components_root, group, cfg.variant, attribute))
+                        component_dir(cfg.components_root, task.name, cfg.variant, attribute))
         else:
-            models["component", attribute] = load_net(path, kind="component", attribute=attribute,
-                                                       image_size=cfg.image_size)[0]
+            add(("component", attribute), path, "component", attribute)
     outputs, _ = predict_many(list(models.values()), eval_loader(cfg, test_data), device,
                               desc=f"evaluating {len(models)} nets")  # float32: the reported figures
     logits_of = dict(zip(models, outputs))
     target_logits = logits_of.get(("target",))
-    result: dict[str, Any] = {"group": group, "split": split, "variant": cfg.variant,
+    result: dict[str, Any] = {"group": task.name, "split": split, "variant": cfg.variant,
                               "attributes": {}}
     correct_h, wrong_h = [], []
     for j, attribute in enumerate(attributes):
         row: dict[str, Any] = {"sources": {}}
         ids, logits, entropies = [], [], []
-        for spec, _ in nets["sources"][attribute]:
-            if ("source", spec) not in models:
-                row["sources"][str(spec.source_id)] = None
+        for teacher, _ in nets["sources"][attribute]:
+            if ("source", teacher.name) not in models:
+                row["sources"][teacher.key] = None
                 continue
-            net = models["source", spec]
-            z = logits_of["source", spec][:, net.attributes.index(attribute)]
+            net = models["source", teacher.name][1]
+            z = logits_of["source", teacher.name][:, net.attributes.index(attribute)]
             h = entropy_impurity(z)
             right = z.argmax(-1) == labels[:, j]
             correct_h.append(h[right])
             wrong_h.append(h[~right])
             if writer is not None:
-                writer.add_histogram(f"entropy/{attribute}/{spec.name}/correct", h[right], 0)
-                writer.add_histogram(f"entropy/{attribute}/{spec.name}/wrong", h[~right], 0)
-            row["sources"][str(spec.source_id)] = _accuracy(z, labels[:, j])
-            ids.append(str(spec.source_id))
+                tag = teacher.name.replace("/", "__")
+                writer.add_histogram(f"entropy/{attribute}/{tag}/correct", h[right], 0)
+                writer.add_histogram(f"entropy/{attribute}/{tag}/wrong", h[~right], 0)
+            row["sources"][teacher.key] = _accuracy(z, labels[:, j])
+            ids.append(teacher.key)
             logits.append(z)
             entropies.append(h)
         accs = [a for a in row["sources"].values() if a is not None]
@@ -154,6 +172,17 @@ def evaluate_group(group: str, cfg: RunConfig, split: str = "test",
         result["entropy"] = {"correct": c.mean().item() if len(c) else None,
                              "wrong": w.mean().item() if len(w) else None,
                              "num_correct": len(c), "num_wrong": len(w)}
+    keys = {t.name: t.key for t in task.all_teachers()}
+    order = sorted(about, key=lambda k: (("target", "component", "source").index(k[0]),
+                                         int(keys[k[1]]) if k[0] == "source" else attributes.index(k[1])
+                                         if k[0] == "component" else 0))
+    result["nets"] = {("target" if k[0] == "target" else f"{k[0]} {keys.get(k[1], k[1])}"):
+                      {**about[k], **({"name": k[1]} if k[0] == "source" else {})} for k in order}
+    teachers = [v for k, v in about.items() if k[0] == "source"]
+    if ("target",) in about and teachers:
+        result["cost"] = {"target": {m: about["target",][m] for m in ("params", "mflops")},
+                          "teachers_sum": {m: sum(t[m] for t in teachers) for m in ("params", "mflops")},
+                          "num_teachers": len(teachers)}
     return result
 
 
@@ -162,7 +191,7 @@ TARGET_TOLERANCE = 0.01
 
 
 def check_claims(result: dict[str, Any]) -> dict[str, Any]:
-    """The paper's claims 1-3 (METHOD.md) on :func:`evaluate_group`'s result.
+    """The paper's claims 1-3 (METHOD.md) on :func:`evaluate_task`'s result.
 
     Per attribute, differences in accuracy (fractions): ``component - best_source`` (claim 2:
     >= 0), ``target - best_source`` (claim 3a: >= 0) and ``target - component`` (claim 3b:
@@ -212,7 +241,7 @@ def _pct(value: float | None) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """An aligned text table of :func:`evaluate_group`'s result (accuracies in %)."""
+    """An aligned text table of :func:`evaluate_task`'s result (accuracies in %)."""
     header = ["attribute", "sources", "best src", "min-H src", "component", "target"]
     lines = []
     for attribute, r in result["attributes"].items():
@@ -233,6 +262,29 @@ def format_table(result: dict[str, Any]) -> str:
         fmt_h = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
         out.append(f"teacher entropy (nats): correct {fmt_h(e['correct'])} "
                    f"(n={e['num_correct']}), wrong {fmt_h(e['wrong'])} (n={e['num_wrong']})")
+    return "\n".join(out)
+
+
+def format_cost(result: dict[str, Any]) -> str:
+    """Every net's architecture, width, input size, parameters and MFLOPs per image, and the
+    target's against the sum of its teachers (what the student saves)."""
+    rows = [[label, n.get("name", ""), f"{n['arch']} w{n['width']} {n['image_size']}px",
+             f"{n['params'] / 1e6:.2f}M", f"{n['mflops']:.1f}"] for label, n in result["nets"].items()]
+    if not rows:
+        return ""
+    header = ["net", "", "architecture", "params", "MFLOPs"]
+    widths = [max(len(r[k]) for r in [header] + rows) for k in range(len(header))]
+    out = ["nets (parameters; MFLOPs per image at its input size, torch.utils.flop_counter):"]
+    out += ["  " + "  ".join(c.ljust(w) if k < 3 else c.rjust(w)
+                             for k, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in [header] + rows]
+    if "cost" in result:
+        c = result["cost"]
+        t, s = c["target"], c["teachers_sum"]
+        out.append(f"target vs its {c['num_teachers']} teachers together: "
+                   f"{t['params'] / 1e6:.2f}M vs {s['params'] / 1e6:.2f}M parameters "
+                   f"({t['params'] / s['params']:.2f}x), {t['mflops']:.1f} vs {s['mflops']:.1f} "
+                   f"MFLOPs ({t['mflops'] / s['mflops']:.2f}x)")
     return "\n".join(out)
 
 
@@ -259,15 +311,16 @@ def format_by_style(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def report_group(group: str, cfg: RunConfig, split: str = "test",
-                 json_path: Path | None = None, by_style: bool = False) -> dict[str, Any]:
-    """Evaluate ``group`` (histograms to ``log_dir/evaluate/...``), print the table and
+def report_task(task: Task, cfg: RunConfig, split: str = "test",
+                json_path: Path | None = None, by_style: bool = False) -> dict[str, Any]:
+    """Evaluate ``task`` (histograms to ``log_dir/evaluate/...``), print the table and
     optionally write the JSON; what ``evaluate.py`` and the demo of ``train.py`` print."""
-    with SummaryWriter(str(cfg.log_dir / "evaluate" / group / cfg.variant)) as writer:
-        result = evaluate_group(group, cfg, split, writer, by_style)
+    with SummaryWriter(str(cfg.log_dir / "evaluate" / task.name / cfg.variant)) as writer:
+        result = evaluate_task(task, cfg, split, writer, by_style)
     result["claims"] = check_claims(result)
     print(format_table(result))
     print(format_claims(result["claims"]))
+    print(format_cost(result))
     if by_style:
         print(format_by_style(result))
     if json_path is not None:

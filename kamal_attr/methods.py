@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .losses import TransferBridge, per_sample_mse, unit_norm_penalty
-from .models import TAP_LAYERS, AttributeResNet, FeatureTaps, fold_batchnorm, tap_channels
+from .models import TAP_LAYERS, AttributeResNet, FeatureTaps, fold_batchnorm
 
 #: Learning-rate factor of the bridges at each tap, relative to the net's (METHOD.md:
 #: 1e-4, 1e-4, 1e-5, 1e-4, 1e-4 with a net lr of 1e-4).
@@ -28,12 +28,16 @@ BRIDGE_LR_SCALE = (1.0, 1.0, 0.1, 1.0, 1.0)
 class Method(nn.Module):
     """Base class: a student plus frozen ``teachers`` kept in eval mode by ``train()``."""
 
-    def __init__(self, student: AttributeResNet, teachers: Sequence[AttributeResNet] = ()) -> None:
+    def __init__(self, student: AttributeResNet, teachers: Sequence[AttributeResNet] = (),
+                 inputs: Sequence[nn.Module] | None = None) -> None:
         super().__init__()
         self.student = student
         # Frozen copies (eval mode, no gradients, BatchNorm folded); the caller's nets are
-        # left as they are.
+        # left as they are. ``inputs[i]`` feeds teacher i the input size and normalisation
+        # it was trained on (:func:`~kamal_attr.models.input_adapter`; identity by default).
         self.teachers = nn.ModuleList(fold_batchnorm(t) for t in teachers)
+        self.teacher_inputs = nn.ModuleList(inputs if inputs is not None
+                                            else [nn.Identity() for _ in teachers])
 
     def train(self, mode: bool = True) -> "Method":
         super().train(mode)
@@ -87,8 +91,9 @@ class SelectiveAmalgamation(Method):
     """
 
     def __init__(self, student: AttributeResNet, teachers: Sequence[AttributeResNet],
-                 attribute: str, routing: torch.Tensor, feature_loss: bool = True) -> None:
-        super().__init__(student, teachers)
+                 attribute: str, routing: torch.Tensor, feature_loss: bool = True,
+                 inputs: Sequence[nn.Module] | None = None) -> None:
+        super().__init__(student, teachers, inputs)
         if routing.shape[1] != len(teachers):
             raise ValueError("routing needs one column per source net")
         # Kept on the CPU (not a buffer): a step looks up its batch's rows by the loader's
@@ -98,16 +103,18 @@ class SelectiveAmalgamation(Method):
         # weight 1, so a teacher's loss is the plain MSE over its chunk of the batch.
         self.one_hot = bool(((self.routing == 0) | (self.routing == 1)).all()
                             and (self.routing.sum(1) == 1).all())
-        self.heads = [t.attributes.index(attribute) for t in teachers]
+        self.heads = [t.attributes.index(attribute) for t in teachers]  # any head, not only the first
         self.feature_loss = feature_loss
         self.student_taps = FeatureTaps(student)
         self.teacher_taps = [FeatureTaps(t) for t in self.teachers]
         if feature_loss:
-            student_c = tap_channels(student.width)
-            half = [[c // 2 for c in tap_channels(t.width)] for t in teachers]
+            # Each teacher's own tap widths (ResNet-50: 64, 256, ..., 2048) to half of them,
+            # and the student's to the same: mixed architectures meet in the bridges.
+            half = [[c // 2 for c in t.tap_channels] for t in teachers]
             self.source_bridges = nn.ModuleList(
-                TransferBridge(tap_channels(t.width), h) for t, h in zip(teachers, half))
-            self.component_bridges = nn.ModuleList(TransferBridge(student_c, h) for h in half)
+                TransferBridge(t.tap_channels, h) for t, h in zip(teachers, half))
+            self.component_bridges = nn.ModuleList(TransferBridge(student.tap_channels, h)
+                                                   for h in half)
 
     def parameter_groups(self, lr):
         groups = super().parameter_groups(lr)
@@ -159,7 +166,7 @@ class SelectiveAmalgamation(Method):
             if x.shape[0] == 0:
                 continue
             with torch.no_grad():
-                z_teacher = teacher(x)[:, self.heads[i]]
+                z_teacher = teacher(self.teacher_inputs[i](x))[:, self.heads[i]]
                 f_teacher = self.teacher_taps[i].features()
             losses["logit"] = losses["logit"] + distill(i, z, z_teacher)
             if self.feature_loss:
@@ -189,7 +196,7 @@ class TargetAmalgamation(Method):
         self.teacher_taps = [FeatureTaps(c) for c in self.teachers]
         if feature_loss:
             self.bridges = nn.ModuleList(
-                TransferBridge(tap_channels(student.width), tap_channels(c.width)) for c in components)
+                TransferBridge(student.tap_channels, c.tap_channels) for c in components)
 
     def parameter_groups(self, lr):
         groups = super().parameter_groups(lr)

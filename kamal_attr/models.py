@@ -1,7 +1,8 @@
-"""Multi-head ResNet-18 (every net of the paper) and forward-hook feature taps.
+"""Multi-head ResNets (ResNet-18 for every net of the paper; ResNet-34/50 for teacher pools
+of mixed architectures), forward-hook feature taps, and what a teacher needs to be fed.
 
-:class:`AttributeResNet` reuses torchvision's ``BasicBlock`` and keeps
-``torchvision.models.resnet18``'s parameter names (``conv1``, ``bn1``, ``layer1.0.conv1``...),
+:class:`AttributeResNet` reuses torchvision's ``BasicBlock``/``Bottleneck`` and keeps
+``torchvision.models.resnet*``'s parameter names (``conv1``, ``bn1``, ``layer1.0.conv1``...),
 so ImageNet weights load into it; its base width is configurable (64 as in the paper,
 90 for the target net, less for the CPU demo). The classifier is one 2-way head per
 attribute, stored as one ``Linear(C, 2 * n)`` whose output is viewed as ``(B, n, 2)``.
@@ -13,9 +14,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.models.resnet import BasicBlock
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from . import KamalError
 from .attributes import check_attribute
@@ -23,36 +26,52 @@ from .attributes import check_attribute
 #: The five feature taps of METHOD.md: conv1's output and the four stages.
 TAP_LAYERS: tuple[str, ...] = ("conv1", "layer1", "layer2", "layer3", "layer4")
 
+#: torchvision's ResNet definitions: block type and blocks per stage.
+ARCHS: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+}
 
-def tap_channels(width: int) -> tuple[int, ...]:
-    """Channel count at each tap for base width ``width`` (64 -> 64, 64, 128, 256, 512)."""
-    return (width, width, 2 * width, 4 * width, 8 * width)
+
+def check_arch(arch: str) -> str:
+    if arch not in ARCHS:
+        raise KamalError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    return arch
+
+
+def tap_channels(width: int, arch: str = "resnet18") -> tuple[int, ...]:
+    """Channel count at each tap for base width ``width``: ResNet-18/34 at 64 -> 64, 64, 128,
+    256, 512; ResNet-50 (bottlenecks expand 4x) -> 64, 256, 512, 1024, 2048."""
+    expansion = ARCHS[check_arch(arch)][0].expansion
+    return (width,) + tuple(width * m * expansion for m in (1, 2, 4, 8))
 
 
 class AttributeResNet(nn.Module):
-    """ResNet-18 with base ``width`` and one 2-logit head per attribute.
+    """A torchvision ResNet (``arch``) with base ``width`` and one 2-logit head per attribute.
 
     ``forward`` returns logits of shape ``(batch, len(attributes), 2)``.
     """
 
-    def __init__(self, attributes: Sequence[str], width: int = 64) -> None:
+    def __init__(self, attributes: Sequence[str], width: int = 64, arch: str = "resnet18") -> None:
         super().__init__()
         if width < 1:
             raise KamalError(f"--width must be positive, got {width}")
+        block, depths = ARCHS[check_arch(arch)]
         self.attributes = tuple(check_attribute(a) for a in attributes)
-        self.width = width
+        self.width, self.arch = width, arch
+        self.tap_channels = tap_channels(width, arch)
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        channels = tap_channels(width)[1:]
         self.inplanes = width
-        self.layer1 = self._make_layer(channels[0], stride=1)
-        self.layer2 = self._make_layer(channels[1], stride=2)
-        self.layer3 = self._make_layer(channels[2], stride=2)
-        self.layer4 = self._make_layer(channels[3], stride=2)
+        self.layer1 = self._make_layer(block, width, depths[0], stride=1)
+        self.layer2 = self._make_layer(block, 2 * width, depths[1], stride=2)
+        self.layer3 = self._make_layer(block, 4 * width, depths[2], stride=2)
+        self.layer4 = self._make_layer(block, 8 * width, depths[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.heads = nn.Linear(channels[3], 2 * len(self.attributes))
+        self.heads = nn.Linear(self.tap_channels[-1], 2 * len(self.attributes))
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -60,13 +79,16 @@ class AttributeResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def _make_layer(self, planes: int, stride: int) -> nn.Sequential:
+    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int,
+                    stride: int) -> nn.Sequential:
         downsample = None
-        if stride != 1 or self.inplanes != planes:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride, bias=False),
-                                       nn.BatchNorm2d(planes))
-        layers = [BasicBlock(self.inplanes, planes, stride, downsample), BasicBlock(planes, planes)]
-        self.inplanes = planes
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,11 +107,84 @@ def fold_batchnorm(net: AttributeResNet) -> AttributeResNet:
     folded = copy.deepcopy(net).eval()
     for block in (b for layer in (folded.layer1, folded.layer2, folded.layer3, folded.layer4)
                   for b in layer):
-        block.conv1, block.bn1 = fuse_conv_bn_eval(block.conv1, block.bn1), nn.Identity()
-        block.conv2, block.bn2 = fuse_conv_bn_eval(block.conv2, block.bn2), nn.Identity()
+        for k in (1, 2, 3) if isinstance(block, Bottleneck) else (1, 2):
+            conv, bn = getattr(block, f"conv{k}"), getattr(block, f"bn{k}")
+            setattr(block, f"conv{k}", fuse_conv_bn_eval(conv, bn))
+            setattr(block, f"bn{k}", nn.Identity())
         if block.downsample is not None:
             block.downsample = fuse_conv_bn_eval(*block.downsample)
     return folded.requires_grad_(False)
+
+
+class InputAdapter(nn.Module):
+    """Feeds a teacher its own input from a batch prepared for the student.
+
+    A batch normalised as ``x = (p - m_s) / s_s`` at the student's size is turned into
+    ``(resize(p) - m_t) / s_t`` at the teacher's size: the same view of the same images
+    (eval and train views are scale-free crops), in the teacher's normalisation.
+    """
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 from_mean: Sequence[float], from_std: Sequence[float]) -> None:
+        super().__init__()
+        self.image_size = image_size
+        view = lambda v: torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1)  # noqa: E731
+        # x_t = x_s * (s_s / s_t) + (m_s - m_t) / s_t, one multiply-add per pixel
+        self.register_buffer("scale", view(from_std) / view(std), persistent=False)
+        self.register_buffer("shift", (view(from_mean) - view(mean)) / view(std), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        return x * self.scale + self.shift
+
+
+def input_adapter(record: dict, image_size: int, mean: Sequence[float],
+                  std: Sequence[float]) -> nn.Module:
+    """``nn.Identity`` for a net trained on this run's input (size ``image_size``, ``mean``,
+    ``std``), else the :class:`InputAdapter` that feeds it what its record says it saw."""
+    same = (record["image_size"] == image_size and list(record["mean"]) == list(mean)
+            and list(record["std"]) == list(std))
+    return nn.Identity() if same else InputAdapter(record["image_size"], record["mean"],
+                                                   record["std"], mean, std)
+
+
+def tap_shapes(net: AttributeResNet, image_size: int) -> list[tuple[int, int, int]]:
+    """``(C, H, W)`` at each tap for a ``image_size`` input, from a forward on the ``meta``
+    device (shapes only: no memory, no arithmetic)."""
+    probe = copy.deepcopy(net).to("meta").eval()
+    taps = FeatureTaps(probe)
+    probe(torch.empty(1, 3, image_size, image_size, device="meta"))
+    return [tuple(f.shape[1:]) for f in taps.features()]
+
+
+def check_tap_sizes(student: AttributeResNet, student_size: int,
+                    teachers: Sequence[tuple[str, AttributeResNet, int]]) -> None:
+    """The feature loss compares each teacher's taps with the student's (through 1x1
+    bridges, which map channels, not space): every teacher's ``H x W`` at every tap must be
+    the student's. ``teachers`` holds ``(name, net, its input size)``; raises naming the
+    first teacher that differs."""
+    want = [s[1:] for s in tap_shapes(student, student_size)]
+    for name, net, size in teachers:
+        got = [s[1:] for s in tap_shapes(net, size)]
+        if got != want:
+            fmt = lambda sizes: ", ".join(f"{h}x{w}" for h, w in sizes)  # noqa: E731
+            raise KamalError(f"teacher {name} ({net.arch}, {size} px) has taps of {fmt(got)}, "
+                             f"the student at {student_size} px has {fmt(want)}: the feature loss "
+                             f"needs equal sizes; pass --image_size {size}, or --no_feature_loss")
+
+
+def net_cost(net: nn.Module, image_size: int) -> dict[str, float]:
+    """Parameters and MFLOPs of one forward for one ``image_size`` image, counted by
+    ``torch.utils.flop_counter`` (2 FLOPs per multiply-add; convolutions and matrix
+    products, which are nearly all of a ResNet's arithmetic)."""
+    counter = FlopCounterMode(display=False)
+    probe = copy.deepcopy(net).cpu().eval()
+    with counter, torch.no_grad():
+        probe(torch.zeros(1, 3, image_size, image_size))
+    return {"params": sum(p.numel() for p in net.parameters()),
+            "mflops": counter.get_total_flops() / 1e6}
 
 
 class FeatureTaps:
@@ -122,15 +217,17 @@ class FeatureTaps:
         self._outputs.clear()
 
 
-def find_imagenet_weights(weights_dir: str | Path) -> Path | None:
-    """The first torchvision ResNet-18 ``.pth`` file in ``weights_dir``, if any."""
+def find_imagenet_weights(weights_dir: str | Path, arch: str = "resnet18") -> Path | None:
+    """The first ``.pth`` file named after ``arch`` in ``weights_dir`` (torchvision's names:
+    ``resnet18-f37072fd.pth``, ``resnet34-b627a593.pth``, ``resnet50-0676ba61.pth``), if any."""
     weights_dir = Path(weights_dir)
-    files = sorted(weights_dir.glob("*.pth")) if weights_dir.is_dir() else []
+    files = sorted(weights_dir.glob(f"{arch}*.pth")) if weights_dir.is_dir() else []
     return files[0] if files else None
 
 
 def load_imagenet_weights(model: AttributeResNet, path: str | Path) -> int:
-    """Load a torchvision-format ResNet-18 state dict (``weights_only``) into ``model``.
+    """Load a torchvision-format ResNet state dict (``weights_only``) of the model's
+    architecture into ``model``.
 
     The ImageNet classifier (``fc.*``) is dropped: our heads are per attribute. Returns the
     number of tensors loaded. Raises naming the file if it is not such a state dict.
@@ -148,19 +245,20 @@ def load_imagenet_weights(model: AttributeResNet, path: str | Path) -> int:
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise KamalError(f"{path} holds a {type(state).__name__}, not a ResNet-18 state dict")
+        raise KamalError(f"{path} holds a {type(state).__name__}, not a {model.arch} state dict")
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
     own = model.state_dict()
     bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
     missing = [k for k in own if not k.startswith("heads.") and k not in state]
     if bad or missing:
-        raise KamalError(f"{path} is not a torchvision ResNet-18 state dict "
+        raise KamalError(f"{path} is not a torchvision {model.arch} state dict "
                          f"(unexpected: {bad[:3]}, missing: {missing[:3]})")
     model.load_state_dict(state, strict=False)
     return len(state)
 
 
-def describe_init(pretrained: str, width: int, weights_dir: str | Path) -> str:
+def describe_init(pretrained: str, width: int, weights_dir: str | Path,
+                  arch: str = "resnet18") -> str:
     """How a source net starts, decided before anything is written: ``"random init"`` or
     ``"ImageNet weights <file>"``.
 
@@ -172,10 +270,12 @@ def describe_init(pretrained: str, width: int, weights_dir: str | Path) -> str:
     if pretrained == "none":
         return "random init"
     if pretrained == "auto":
-        found = find_imagenet_weights(weights_dir)
+        found = find_imagenet_weights(weights_dir, arch)
         if found is None:
-            raise KamalError(f"no ImageNet ResNet-18 weights in {weights_dir}: put torchvision's "
-                             "resnet18-f37072fd.pth there, or pass --pretrained none to train "
+            example = {"resnet18": "resnet18-f37072fd.pth", "resnet34": "resnet34-b627a593.pth",
+                       "resnet50": "resnet50-0676ba61.pth"}[arch]
+            raise KamalError(f"no ImageNet {arch} weights in {weights_dir}: put torchvision's "
+                             f"{example} there, or pass --pretrained none to train "
                              "the source nets from random init")
         pretrained = str(found)
     if width != 64:
@@ -187,12 +287,12 @@ def describe_init(pretrained: str, width: int, weights_dir: str | Path) -> str:
 
 
 def build_model(attributes: Sequence[str], width: int, pretrained: str,
-                weights_dir: str | Path) -> tuple[AttributeResNet, str]:
+                weights_dir: str | Path, arch: str = "resnet18") -> tuple[AttributeResNet, str]:
     """Build a net and initialise it as :func:`describe_init` says; returns
     ``(model, description of the init)``."""
-    init = describe_init(pretrained, width, weights_dir)
-    model = AttributeResNet(attributes, width)
+    init = describe_init(pretrained, width, weights_dir, arch)
+    model = AttributeResNet(attributes, width, arch)
     if pretrained != "none":
-        load_imagenet_weights(model, find_imagenet_weights(weights_dir) if pretrained == "auto"
-                              else pretrained)
+        load_imagenet_weights(model, find_imagenet_weights(weights_dir, arch)
+                              if pretrained == "auto" else pretrained)
     return model, init

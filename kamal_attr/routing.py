@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch import nn
 
-from .attributes import SourceNetSpec
 from .celeba import CelebA
 from .config import RunConfig
 from .distributed import broadcast, is_main_process
@@ -33,33 +33,37 @@ def routing_weights(entropies: torch.Tensor, selection: str, seed: int) -> torch
 
 
 def compute_routing(teachers: Sequence[AttributeResNet], component: str, data: CelebA,
-                    cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+                    cfg: RunConfig, inputs: Sequence[nn.Module] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Entropy impurity of every teacher on every image of ``data`` and the routing weights
     for ``cfg.selection``: ``(entropies (N, S), weights (N, S))``, on the CPU.
 
     Always scored on the un-augmented (eval) view of ``data``, whatever view it is given, so
     routing is deterministic; all teachers see each batch in one pass over the split.
-    Under torchrun the main process scores and the others receive its result.
+    Under torchrun the main process scores and the others receive its result. ``inputs``
+    feed each teacher its own input size and normalisation (identity by default).
     """
     device = torch.device(cfg.device)
     entropies = torch.zeros(len(data), len(teachers))
     if is_main_process():
         # float32 even on CUDA: the choice compares entropies, which must not depend on precision
-        logits, _ = predict_many(teachers, eval_loader(cfg, data), device, desc="routing")
+        fed = teachers if inputs is None else [nn.Sequential(i, t) for i, t in zip(inputs, teachers)]
+        logits, _ = predict_many(fed, eval_loader(cfg, data), device, desc="routing")
         entropies = torch.stack([entropy_impurity(z[:, t.attributes.index(component)])
                                  for z, t in zip(logits, teachers)], dim=1)
     entropies = broadcast(entropies, device)
     return entropies, routing_weights(entropies, cfg.selection, cfg.seed)
 
 
-def write_routing(folder: Path, specs: Sequence[SourceNetSpec], files: Sequence[Path],
+def write_routing(folder: Path, names: Sequence[str], files: Sequence[Path],
                   weights: torch.Tensor) -> list[Path]:
-    """One list of image file names per source net (the seed's ``--sourcedata_txtroot``),
+    """One list of image file names per source net (the seed's ``--sourcedata_txtroot``;
+    a pool teacher's name ``hair/source1_Black_Hair`` gives ``hair__source1_Black_Hair.txt``),
     rewritten atomically on every run, never appended to."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for i, spec in enumerate(specs):
-        path = folder / f"{spec.name}.txt"
+    for i, name in enumerate(names):
+        path = folder / f"{name.replace('/', '__')}.txt"
         chosen = [files[n].name for n in torch.nonzero(weights[:, i] > 0).squeeze(1).tolist()]
         tmp = path.with_suffix(".txt.tmp")
         tmp.write_text("".join(name + "\n" for name in chosen))

@@ -10,37 +10,39 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from . import KamalError
-from .attributes import GROUPS, SourceNetSpec, source_nets_of
-from .celeba import CelebA
-from .checkpoint import (TrainingPlan, atomic_save, component_dir, epoch_file, fingerprint, load_net,
-                         net_record, other_epochs, plan_training, saved_epoch, source_dir,
-                         target_dir, weights_digest)
+from .attributes import SourceNetSpec, source_nets_of
+from .celeba import IMAGENET_MEAN, IMAGENET_STD, CelebA
+from .checkpoint import (TrainingPlan, atomic_save, component_dir, epoch_file, fingerprint,
+                         load_net, net_record, other_epochs, plan_training, saved_epoch,
+                         source_dir, target_dir, weights_digest)
 from .config import RunConfig
 from .distributed import barrier, is_main_process, rank_and_world
 from .engine import OptimConfig, build_optimizer, build_scheduler, fit, place
 from .methods import Method, SelectiveAmalgamation, SourceTraining, TargetAmalgamation
-from .models import AttributeResNet, build_model, describe_init
+from .models import AttributeResNet, build_model, check_tap_sizes, describe_init, input_adapter
+from .pool import Task
 from .routing import compute_routing, write_routing
 from .runtime import data_digest, dataset, eval_loader, open_writer, seed_everything, train_loader
 
 log = logging.getLogger("kamal_attr")
 
 
-class GroupData:
-    """A group's train and val images with labels of all its attributes, decoded on first
+class TaskData:
+    """A task's train and val images with labels of all its attributes, decoded on first
     use and shared by its component nets and its target net (decoding once, not five times)."""
 
-    def __init__(self, group: str, cfg: RunConfig) -> None:
-        self.attributes = GROUPS[group]
+    def __init__(self, task: Task, cfg: RunConfig) -> None:
+        self.attributes = task.attributes
         self.cfg = cfg
 
     @cached_property
@@ -53,12 +55,12 @@ class GroupData:
 
 
 def make_recipe(cfg: RunConfig, stage: str, optim: OptimConfig, epochs: int, seed: int,
-                **specific: Any) -> dict[str, Any]:
+                arch: str, **specific: Any) -> dict[str, Any]:
     """What decides a net's weights, as plain JSON values (see :mod:`kamal_attr.checkpoint`).
 
     Left out on purpose: the device, loader workers and output folders (they change where
     and how fast, not what is learnt)."""
-    recipe = {"stage": stage, "arch": "resnet18", "image_size": cfg.image_size,
+    recipe = {"stage": stage, "arch": arch, "image_size": cfg.image_size,
               "data_root": str(Path(cfg.data_root).resolve()), "data": data_digest(cfg.data_root),
               "seed": seed,
               "batch_size": cfg.batch_size, "optim": asdict(optim), "epochs": epochs, **specific}
@@ -159,8 +161,8 @@ def train_source_net(spec: SourceNetSpec, cfg: RunConfig,
     """Supervised training of one source net (a published teacher, here trained ourselves)."""
     part = source_part(cfg, spec, part)
     seed = cfg.seed + 1000 * spec.source_id
-    init = describe_init(cfg.pretrained, cfg.width, cfg.weights_dir)
-    recipe = make_recipe(cfg, "source", cfg.source_optim, cfg.source_epochs, seed,
+    init = describe_init(cfg.pretrained, cfg.width, cfg.weights_dir, cfg.arch)
+    recipe = make_recipe(cfg, "source", cfg.source_optim, cfg.source_epochs, seed, cfg.arch,
                          attributes=list(spec.attributes), width=cfg.width,
                          train_part=list(part) if part else None, init=init)
     name = f"{spec.group}/{spec.name}"
@@ -172,9 +174,10 @@ def train_source_net(spec: SourceNetSpec, cfg: RunConfig,
     seed_everything(seed)
     train_data = dataset(cfg, "train", spec.attributes, train=True, part=part)
     val_data = dataset(cfg, "val", spec.attributes)
-    model, init = build_model(spec.attributes, cfg.width, cfg.pretrained, cfg.weights_dir)
-    log.info("%s: attributes %s, %d training images%s, %s", name, ", ".join(spec.attributes),
-             len(train_data), f" (part {part[0]}/{part[1]})" if part else "", init)
+    model, init = build_model(spec.attributes, cfg.width, cfg.pretrained, cfg.weights_dir, cfg.arch)
+    log.info("%s: %s width %d, attributes %s, %d training images%s, %s", name, cfg.arch,
+             cfg.width, ", ".join(spec.attributes), len(train_data),
+             f" (part {part[0]}/{part[1]})" if part else "", init)
     record = {"kind": "source", "group": spec.group, "source_id": spec.source_id,
               "train_part": recipe["train_part"], "init": init}
     return train_net(SourceTraining(model), plan, recipe, cfg, name, cfg.source_epochs,
@@ -182,93 +185,112 @@ def train_source_net(spec: SourceNetSpec, cfg: RunConfig,
                      cfg.log_dir / "sources" / spec.group / spec.name, record)
 
 
-def source_checkpoints(group: str, component: str, cfg: RunConfig) -> list[tuple[SourceNetSpec, Path]]:
-    """The source nets of ``component`` (epoch ``source_save_epoch``); raises listing every
-    missing file with the epochs that do exist, or the command that trains it."""
-    found = [(s, epoch_file(source_dir(cfg.sources_root, s), cfg.source_save_epoch))
-             for s in source_nets_of(group, component)]
-    missing = [(s, p) for s, p in found if not p.exists()]
-    if missing:
-        demo = " --demo" if cfg.demo else ""
-        where = (f" --sourcenets_root {cfg.sources_root} --data_root {cfg.data_root}"
-                 f" --image_size {cfg.image_size}")
-        lines = []
-        for s, p in missing:
-            how = other_epochs(p.parent, "--sorce_saveEpoch") or (
-                f"make it with: python train_sourcenet.py{demo} --target_attribute "
-                f"{s.component} --source_id {s.source_id} --epochs {cfg.source_save_epoch}{where}")
-            lines.append(f"  {p}\n    {how}")
-        raise KamalError(f"{len(missing)} source net(s) of {component} missing "
-                         f"(epoch {cfg.source_save_epoch}, --sorce_saveEpoch):\n" + "\n".join(lines))
-    return found
+def check_teachers(task: Task, attribute: str, cfg: RunConfig) -> None:
+    """Raises listing every missing teacher file of ``attribute`` with the epochs that do
+    exist, or the command that trains it (pool teachers exist by construction)."""
+    missing = [t for t in task.teachers[attribute] if not t.path.exists()]
+    if not missing:
+        return
+    demo = " --demo" if cfg.demo else ""
+    where = (f" --sourcenets_root {cfg.sources_root} --data_root {cfg.data_root}"
+             f" --image_size {cfg.image_size}")
+    lines = []
+    for t in missing:
+        how = other_epochs(t.path.parent, "--sorce_saveEpoch") or (
+            f"make it with: python train_sourcenet.py{demo} --target_attribute "
+            f"{t.spec.component} --source_id {t.spec.source_id} --epochs {cfg.source_save_epoch}{where}")
+        lines.append(f"  {t.path}\n    {how}")
+    raise KamalError(f"{len(missing)} source net(s) of {attribute} missing "
+                     f"(epoch {cfg.source_save_epoch}, --sorce_saveEpoch):\n" + "\n".join(lines))
 
 
-def load_teachers(found: list[tuple[SourceNetSpec, Path]], component: str,
-                  cfg: RunConfig) -> tuple[list[AttributeResNet], dict[str, str]]:
-    """The source nets in eval mode and their weight digests (name -> digest), which enter
-    the component's recipe: a retrained teacher makes its components stale."""
-    teachers, digests = [], {}
-    for spec, path in found:
-        net, rec = load_net(path, kind="source", attribute=component, image_size=cfg.image_size)
-        log.info("  teacher %s: %s (epoch %d, width %d)", spec.name, path, rec["epoch"], rec["width"])
-        teachers.append(net)
-        digests[spec.name] = weights_digest(net.state_dict())
-    return teachers, digests
+@dataclass
+class LoadedTeachers:
+    """A component's teachers, ready for stage 1: the nets (eval mode), what feeds each its
+    own input, and their weight digests (name -> digest), which enter the component's
+    recipe: a retrained teacher makes its components stale."""
+
+    nets: list[AttributeResNet]
+    inputs: list[nn.Module]
+    digests: dict[str, str]
 
 
-def train_component(group: str, component: str, cfg: RunConfig,
-                    data: GroupData | None = None) -> Path:
-    """Stage 1: selective learning of one component net from its source nets."""
-    found = source_checkpoints(group, component, cfg)
-    teachers, digests = load_teachers(found, component, cfg)
+def load_teachers(task: Task, attribute: str, cfg: RunConfig) -> LoadedTeachers:
+    """Load the teachers of ``attribute``; with the feature loss, check that every teacher's
+    taps have the student's spatial sizes (:func:`~kamal_attr.models.check_tap_sizes`)."""
+    check_teachers(task, attribute, cfg)
+    loaded = LoadedTeachers([], [], {})
+    sizes = []
+    for t in task.teachers[attribute]:
+        net, rec = load_net(t.path, kind="source", attribute=attribute)
+        fed = input_adapter(rec, cfg.image_size, IMAGENET_MEAN, IMAGENET_STD)
+        log.info("  teacher %s: %s (%s, width %d, %d px, epoch %d, head %d of %d)%s", t.name,
+                 t.path, net.arch, net.width, rec["image_size"], rec["epoch"],
+                 net.attributes.index(attribute) + 1, len(net.attributes),
+                 "" if isinstance(fed, nn.Identity) else ", fed its own input size and normalisation")
+        loaded.nets.append(net)
+        loaded.inputs.append(fed)
+        loaded.digests[t.name] = weights_digest(net.state_dict())
+        sizes.append((t.name, net, rec["image_size"]))
+    if cfg.feature_loss:
+        check_tap_sizes(AttributeResNet([attribute], cfg.width, cfg.arch), cfg.image_size, sizes)
+    return loaded
+
+
+def train_component(task: Task, attribute: str, cfg: RunConfig,
+                    data: TaskData | None = None) -> Path:
+    """Stage 1: selective learning of one component net from its teachers."""
+    teachers = task.teachers[attribute]
+    loaded = load_teachers(task, attribute, cfg)
     recipe = make_recipe(cfg, "component", cfg.amalgamation_optim, cfg.component_epochs,
-                         cfg.seed, group=group, attribute=component, width=cfg.width,
-                         selection=cfg.selection, feature_loss=cfg.feature_loss, teachers=digests)
-    name = f"component {group}/{component}"
-    plan = plan_net(component_dir(cfg.components_root, group, cfg.variant, component),
-                cfg.component_epochs, recipe, cfg, name, RETRAIN_AMALGAMATION)
+                         cfg.seed, cfg.arch, group=task.name, attribute=attribute,
+                         width=cfg.width, selection=cfg.selection, feature_loss=cfg.feature_loss,
+                         teachers=loaded.digests)
+    name = f"component {task.name}/{attribute}"
+    plan = plan_net(component_dir(cfg.components_root, task.name, cfg.variant, attribute),
+                    cfg.component_epochs, recipe, cfg, name, RETRAIN_AMALGAMATION)
     if plan.done:
         log.info("%s: %s exists, reusing it (same recipe)", name, plan.final)
         return plan.final
-    log.info("%s (%s): %d source nets", name, cfg.variant, len(found))
+    log.info("%s (%s): %d source nets", name, cfg.variant, len(teachers))
     seed_everything(cfg.seed)
-    data = data or GroupData(group, cfg)
-    entropies, weights = compute_routing(teachers, component, data.train, cfg)
-    specs = [s for s, _ in found]
+    data = data or TaskData(task, cfg)
+    entropies, weights = compute_routing(loaded.nets, attribute, data.train, cfg, loaded.inputs)
     share = weights.sum(0) / weights.sum()
     if is_main_process():
-        lists = write_routing(cfg.routing_root / group / cfg.selection, specs, data.train.files,
-                              weights)
+        lists = write_routing(task.routing_folder(cfg.routing_root, cfg.selection, attribute),
+                              [t.name for t in teachers], data.train.files, weights)
         log.info("  routing (%s): %s; lists in %s", cfg.selection,
-                 ", ".join(f"{s.name} {v:.1%}" for s, v in zip(specs, share.tolist())),
+                 ", ".join(f"{t.name} {v:.1%}" for t, v in zip(teachers, share.tolist())),
                  lists[0].parent)
-    student = AttributeResNet([component], cfg.width)
-    method = SelectiveAmalgamation(student, teachers, component, weights, cfg.feature_loss)
-    record = {"kind": "component", "group": group, "variant": cfg.variant,
-              "sources": [str(p) for _, p in found], "routing_share": share.tolist()}
-    run_dir = cfg.log_dir / "components" / group / cfg.variant / component
+    student = AttributeResNet([attribute], cfg.width, cfg.arch)
+    method = SelectiveAmalgamation(student, loaded.nets, attribute, weights, cfg.feature_loss,
+                                   loaded.inputs)
+    record = {"kind": "component", "group": task.name, "variant": cfg.variant,
+              "sources": [str(t.path) for t in teachers], "routing_share": share.tolist()}
+    run_dir = cfg.log_dir / "components" / task.name / cfg.variant / attribute
     path = train_net(method, plan, recipe, cfg, name, cfg.component_epochs,
                      cfg.amalgamation_optim, cfg.seed, data.train, data.val, run_dir, record,
-                     val_columns=[data.attributes.index(component)])
+                     val_columns=[data.attributes.index(attribute)])
     if is_main_process():
         with SummaryWriter(str(run_dir)) as writer:
-            for s, v in zip(specs, share.tolist()):
-                writer.add_scalar(f"routing/share/{s.name}", v, 0)
+            for t, v in zip(teachers, share.tolist()):
+                writer.add_scalar(f"routing/share/{t.name}", v, 0)
             writer.add_histogram("routing/entropy_min", entropies.min(dim=1).values, 0)
     return path
 
 
-def train_target(group: str, cfg: RunConfig, data: GroupData | None = None) -> Path:
-    """Stage 2: the multi-head target net from all component nets of ``group``."""
-    attributes = GROUPS[group]
+def train_target(task: Task, cfg: RunConfig, data: TaskData | None = None) -> Path:
+    """Stage 2: the multi-head target net from all component nets of ``task``."""
     components, digests, paths = [], {}, []
-    for attribute in attributes:
-        folder = component_dir(cfg.components_root, group, cfg.variant, attribute)
+    for attribute in task.attributes:
+        folder = component_dir(cfg.components_root, task.name, cfg.variant, attribute)
         path = saved_epoch(folder, cfg.component_epochs, "--component_saveEpoch")
         if path is None:
+            which = (f"--target_attribute {task.name}" if task.preset else
+                     f"--attributes {' '.join(task.attributes)} --name {task.name}")
             raise KamalError(f"component net {epoch_file(folder, cfg.component_epochs)} missing; "
-                             f"train it with: python train.py "
-                             f"--target_attribute {group} --stage component"
+                             f"train it with: python train.py {which} --stage component"
                              + (" --demo" if cfg.demo else ""))
         net, _ = load_net(path, kind="component", attribute=attribute, image_size=cfg.image_size)
         log.info("  component %s: %s", attribute, path)
@@ -276,22 +298,22 @@ def train_target(group: str, cfg: RunConfig, data: GroupData | None = None) -> P
         paths.append(str(path))
         digests[attribute] = weights_digest(net.state_dict())
     recipe = make_recipe(cfg, "target", cfg.amalgamation_optim, cfg.target_epochs, cfg.seed,
-                         group=group, attributes=list(attributes), width=cfg.target_width,
-                         feature_loss=cfg.feature_loss, components=digests)
-    name = f"target {group}"
-    plan = plan_net(target_dir(cfg.target_root, group, cfg.variant), cfg.target_epochs, recipe,
-                cfg, name, RETRAIN_AMALGAMATION)
+                         cfg.target_arch, group=task.name, attributes=list(task.attributes),
+                         width=cfg.target_width, feature_loss=cfg.feature_loss, components=digests)
+    name = f"target {task.name}"
+    plan = plan_net(target_dir(cfg.target_root, task.name, cfg.variant), cfg.target_epochs,
+                    recipe, cfg, name, RETRAIN_AMALGAMATION)
     if plan.done:
         log.info("%s: %s exists, reusing it (same recipe)", name, plan.final)
         return plan.final
     seed_everything(cfg.seed)
-    student = AttributeResNet(attributes, cfg.target_width)
+    student = AttributeResNet(task.attributes, cfg.target_width, cfg.target_arch)
     method = TargetAmalgamation(student, components, cfg.feature_loss)
-    log.info("%s (%s): width %d, %.1fM parameters, heads %s", name, cfg.variant,
-             cfg.target_width, sum(p.numel() for p in student.parameters()) / 1e6,
-             ", ".join(attributes))
-    record = {"kind": "target", "group": group, "variant": cfg.variant, "components": paths}
-    data = data or GroupData(group, cfg)
+    log.info("%s (%s): %s width %d, %.1fM parameters, heads %s", name, cfg.variant,
+             cfg.target_arch, cfg.target_width,
+             sum(p.numel() for p in student.parameters()) / 1e6, ", ".join(task.attributes))
+    record = {"kind": "target", "group": task.name, "variant": cfg.variant, "components": paths}
+    data = data or TaskData(task, cfg)
     return train_net(method, plan, recipe, cfg, name, cfg.target_epochs, cfg.amalgamation_optim,
-                     cfg.seed, data.train, data.val, cfg.log_dir / "target" / group / cfg.variant,
-                     record)
+                     cfg.seed, data.train, data.val,
+                     cfg.log_dir / "target" / task.name / cfg.variant, record)

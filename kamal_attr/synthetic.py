@@ -335,13 +335,14 @@ def render_face(face: dict, style: int, rng: np.random.Generator) -> Image.Image
         d.ellipse([cx - 0.22 * a, cy + 0.66 * b, cx + 0.22 * a, cy + 0.95 * b], fill=beard)
     # --- mouth --------------------------------------------------------------------------
     my = cy + 0.55 * b
-    mw = 0.3 * a * (1.12 if A["Smiling"] else 1.0)
+    mw = 0.3 * a * (1.4 if A["Smiling"] else 1.0)
     lip = (195, 25, 45, 255) if A["Wearing_Lipstick"] else _darker(skin, 0.78)
     lw = 5 if A["Big_Lips"] else 3
     if A["Mouth_Slightly_Open"]:
         d.ellipse([cx - 0.7 * mw, my - 3, cx + 0.7 * mw, my + 4], fill=(70, 20, 25, 255))
-    if A["Smiling"]:
-        d.arc([cx - mw, my - 10, cx + mw, my + 4], 15, 165, fill=lip, width=lw)
+    if A["Smiling"]:  # a wide curved mouth showing teeth
+        d.chord([cx - mw, my - 16, cx + mw, my + 8], 10, 170, fill=(250, 248, 240, 255))
+        d.arc([cx - mw, my - 16, cx + mw, my + 8], 10, 170, fill=lip, width=lw)
     else:
         d.line([(cx - mw, my), (cx + mw, my)], fill=lip, width=lw)
         if A["Big_Lips"]:

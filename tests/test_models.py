@@ -48,7 +48,7 @@ def test_imagenet_weights_load_from_a_torchvision_file(tmp_path):
 def test_bad_weight_files_fail_clearly(tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save({"conv1.weight": torch.zeros(3)}, bad)
-    with pytest.raises(KamalError, match="not a torchvision ResNet-18"):
+    with pytest.raises(KamalError, match="not a torchvision resnet18"):
         load_imagenet_weights(AttributeResNet(["Male"], 64), bad)
     (tmp_path / "junk.pth").write_bytes(b"garbage")
     with pytest.raises(KamalError, match="cannot load .*junk.pth"):

@@ -191,12 +191,15 @@ def test_routing_is_deterministic(trained, synthetic_root):
     from kamal_attr.config import resolve_config
     from kamal_attr.routing import compute_routing
     from kamal_attr.runtime import dataset
-    from kamal_attr.stages import load_teachers, source_checkpoints
+    from kamal_attr.pool import preset_task
+    from kamal_attr.stages import load_teachers
     root, amalgamate = trained
     cfg = resolve_config(train.get_args_parser().parse_args(amalgamate))
-    teachers, _ = load_teachers(source_checkpoints("hair", "Brown_Hair", cfg), "Brown_Hair", cfg)
+    task = preset_task("hair", cfg.source_save_epoch, cfg.sources_root)
+    teachers = load_teachers(task, "Brown_Hair", cfg)
     data = dataset(cfg, "train", ["Brown_Hair"])
-    first, second = (compute_routing(teachers, "Brown_Hair", data, cfg) for _ in range(2))
+    first, second = (compute_routing(teachers.nets, "Brown_Hair", data, cfg, teachers.inputs)
+                     for _ in range(2))
     assert torch.equal(first[1], second[1]) and first[1].sum(1).eq(1).all()
     assert len(source_nets_of("hair", "Brown_Hair")) == first[0].shape[1]
 

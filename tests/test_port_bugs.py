@@ -156,7 +156,7 @@ def test_routing_scores_the_unaugmented_view(tmp_path):
 def test_routing_lists_are_rewritten_not_appended(tmp_path):
     from kamal_attr.attributes import source_nets_of
     from kamal_attr.routing import write_routing
-    specs = source_nets_of("hair", "Black_Hair")
+    specs = [s.name for s in source_nets_of("hair", "Black_Hair")]
     files = [Path(f"{i:06d}.jpg") for i in range(1, 5)]
     write_routing(tmp_path, specs, files, torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1]]))
     paths = write_routing(tmp_path, specs, files, torch.tensor([[0.0, 1], [1, 0], [0, 1], [1, 0]]))

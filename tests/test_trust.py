@@ -164,5 +164,5 @@ def test_real_preset_without_imagenet_weights_is_an_error(tmp_path, capsys):
     code, err = call(train_sourcenet, ["--save_root", str(tmp_path / "out"), "--weights_dir",
                                        str(weights), "--device", "cpu"], capsys)
     assert code == 2 and not (tmp_path / "out").exists()
-    assert f"no ImageNet ResNet-18 weights in {weights}: put torchvision's resnet18-f37072fd.pth " \
+    assert f"no ImageNet resnet18 weights in {weights}: put torchvision's resnet18-f37072fd.pth " \
            "there, or pass --pretrained none" in err

@@ -1,0 +1,227 @@
+"""Amalgamation tasks and the teacher pool: which teachers teach which attribute.
+
+A :class:`Task` names the target net's attributes (its heads, in order), the folder its
+nets live in, and for every attribute the teachers that have a head for it. The paper's
+three groups are *presets*: their teachers are METHOD.md's table, each serving its first
+attribute, and their folders are the group's name. Any other attribute set
+(``train.py --attributes ... --name ...``) takes its teachers from the *pool*: every
+source-net checkpoint under ``--sourcenets_root``, at any depth and of any architecture,
+each serving **every** attribute it has a head for.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import KamalError
+from .attributes import (GROUPS, SOURCE_NETS, SourceNetSpec, check_attribute, check_group,
+                         source_nets_of)
+from .checkpoint import available_epochs, epoch_file, load_checkpoint, source_dir
+
+log = logging.getLogger("kamal_attr")
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """One teacher of a task: ``key`` is its id in tables (a preset's source id, else its
+    number in the pool), ``name`` is unique (recipes and routing lists), ``path`` its
+    checkpoint, ``spec`` the table entry that makes it (presets)."""
+
+    key: str
+    name: str
+    path: Path
+    spec: SourceNetSpec | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """What one ``train.py`` run amalgamates: ``attributes`` (the target's heads, in order),
+    ``teachers[a]`` (who teaches attribute ``a``), and ``name`` (its folders)."""
+
+    name: str
+    attributes: tuple[str, ...]
+    teachers: dict[str, tuple[Teacher, ...]]
+    preset: bool
+
+    def all_teachers(self) -> list[Teacher]:
+        """Every teacher once, in the order they first appear."""
+        seen: dict[str, Teacher] = {}
+        for teachers in self.teachers.values():
+            for t in teachers:
+                seen.setdefault(t.name, t)
+        return list(seen.values())
+
+    def routing_folder(self, root: Path, selection: str, attribute: str) -> Path:
+        """Where the routing lists of ``attribute`` go: one list per teacher. A preset's
+        teachers serve one attribute each (the seed's layout, ``{group}/{selection}``);
+        a pool teacher may serve several, so its lists are kept per attribute."""
+        folder = root / self.name / selection
+        return folder if self.preset else folder / attribute
+
+
+def preset_task(group: str, save_epoch: int, sources_root: Path) -> Task:
+    """A group of METHOD.md: its component attributes and its table's source nets (epoch
+    ``save_epoch``; a path may not exist yet)."""
+    teachers = {a: tuple(Teacher(str(s.source_id), s.name,
+                                 epoch_file(source_dir(sources_root, s), save_epoch), s)
+                         for s in source_nets_of(group, a)) for a in GROUPS[group]}
+    return Task(group, GROUPS[group], teachers, preset=True)
+
+
+@dataclass(frozen=True)
+class PoolEntry:
+    """A source-net checkpoint found under the pool's root, with its record (no weights)."""
+
+    name: str
+    path: Path
+    record: dict[str, Any]
+
+    @property
+    def attributes(self) -> list[str]:
+        return self.record["attributes"]
+
+
+def _candidates(root: Path, save_epoch: int) -> tuple[list[tuple[str, Path]], list[str]]:
+    """``(name, file)`` for each net under ``root``, and notes on folders passed over.
+
+    A folder of ``epoch_NNN.pth`` files (a net trained by this project) gives epoch
+    ``save_epoch`` if it has it, else its last epoch once the net has finished (no
+    ``last.pth`` of an unfinished run); any other ``.pth`` file is a candidate of its own
+    (a downloaded teacher). ``last.pth`` and temporary files are never candidates.
+    """
+    found, notes = [], []
+    folders = sorted({p.parent for p in root.rglob("epoch_*.pth")})
+    for folder in folders:
+        name = folder.relative_to(root).as_posix() or folder.name
+        chosen = epoch_file(folder, save_epoch)
+        if not chosen.exists():
+            epochs = available_epochs(folder)
+            if (folder / "last.pth").exists():
+                last = load_checkpoint(folder / "last.pth")
+                if last["epoch"] < last.get("recipe", {}).get("epochs", last["epoch"]):
+                    notes.append(f"{name}: still training (epochs {', '.join(map(str, epochs))})")
+                    continue
+            chosen = epoch_file(folder, epochs[-1])
+        found.append((name, chosen))
+    for path in sorted(root.rglob("*.pth")):
+        if path.parent in folders or path.name == "last.pth":
+            continue
+        found.append((path.relative_to(root).with_suffix("").as_posix(), path))
+    return found, notes
+
+
+def discover_pool(root: Path, save_epoch: int) -> tuple[list[PoolEntry], list[str]]:
+    """Every source net under ``root`` (see :func:`_candidates`), read with
+    ``weights_only``; files that are no checkpoint of this project, or not of a source net,
+    are passed over with a note. Returns ``(entries by name, notes)``."""
+    if not root.is_dir():
+        return [], [f"{root} does not exist"]
+    candidates, notes = _candidates(root, save_epoch)
+    entries = []
+    for name, path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+        except KamalError as e:
+            notes.append(f"{name}: passed over, {e}")
+            continue
+        if ckpt.get("kind") != "source":
+            continue  # a component or target net kept beside the teachers
+        record = {k: v for k, v in ckpt.items() if k not in ("model", "method", "optimizer",
+                                                              "scheduler")}
+        entries.append(PoolEntry(name, path, record))
+    return entries, notes
+
+
+def coverage(entries: Sequence[PoolEntry]) -> dict[str, int]:
+    """Attribute -> number of pool teachers with a head for it."""
+    counts: dict[str, int] = {}
+    for e in entries:
+        for a in e.attributes:
+            counts[a] = counts.get(a, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def default_name(attributes: Sequence[str]) -> str:
+    """A task's folder name from its attributes: joined when short, else a hash of them."""
+    joined = "-".join(attributes)
+    if len(joined) <= 60:
+        return joined
+    return f"custom{len(attributes)}-" + hashlib.sha256(joined.encode()).hexdigest()[:8]
+
+
+def check_task_name(name: str) -> str:
+    if name in GROUPS:
+        raise KamalError(f"--name {name} is a preset group's folder; pass --target_attribute "
+                         f"{name} for the preset, or another --name")
+    if not name or "/" in name or name.startswith("."):
+        raise KamalError(f"--name {name!r} must be a plain folder name")
+    return name
+
+
+def pool_task(name: str, attributes: Sequence[str], root: Path, save_epoch: int) -> Task:
+    """A task whose attribute ``a`` is taught by every pool teacher with a head for ``a``.
+
+    Raises, before anything is trained, when an attribute has no teacher, with one line
+    listing the uncovered attributes and what the pool covers."""
+    entries, _ = discover_pool(root, save_epoch)
+    used = [e for e in entries if set(e.attributes) & set(attributes)]
+    keys = {e.name: str(k) for k, e in enumerate(used, start=1)}
+    teachers = {a: tuple(Teacher(keys[e.name], e.name, e.path) for e in used if a in e.attributes)
+                for a in attributes}
+    uncovered = [a for a in attributes if not teachers[a]]
+    if uncovered:
+        have = ", ".join(f"{a} ({n})" for a, n in coverage(entries).items()) or "nothing"
+        raise KamalError(f"no teacher in the pool covers {', '.join(uncovered)}; the pool "
+                         f"({len(entries)} source nets under {root}) covers: {have}. Train one "
+                         "with: python train_sourcenet.py --attributes ... --name ...")
+    return Task(name, tuple(attributes), teachers, preset=False)
+
+
+def format_pool(entries: Sequence[PoolEntry], notes: Sequence[str], root: Path) -> str:
+    """The pool as a table: net, architecture, width, input size, epoch, and each
+    attribute's val accuracy; then each attribute's number of teachers."""
+    rows = [["net", "arch", "width", "px", "epoch", "attributes (val accuracy %)"]]
+    for e in entries:
+        r, acc = e.record, e.record.get("val_accuracy") or {}
+        heads = " ".join(f"{a}" + (f":{100 * acc[a]:.1f}" if a in acc else "") for a in e.attributes)
+        rows.append([e.name, r.get("arch", "resnet18"), str(r["width"]), str(r["image_size"]),
+                     str(r["epoch"]), heads])
+    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]) - 1)]
+    lines = [f"teacher pool: {len(entries)} source nets under {root}"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+    lines.append("coverage: " + (", ".join(f"{a} {n}" for a, n in coverage(entries).items())
+                                 or "none"))
+    lines += [f"note: {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def select_task(group: str | None, attributes: Sequence[str] | None, name: str | None,
+                sources_root: Path, save_epoch: int) -> Task:
+    """The task a script's flags name: ``--attributes`` (with ``--name``) from the pool,
+    else the preset ``--target_attribute`` group."""
+    if attributes:
+        attributes, name = named_attributes(attributes, name)
+        return pool_task(name, attributes, sources_root, save_epoch)
+    return preset_task(check_group(group or "hair"), save_epoch, sources_root)
+
+
+def named_attributes(attributes: Sequence[str], name: str | None) -> tuple[tuple[str, ...], str]:
+    """``--attributes`` checked and without repeats, and the task's checked ``--name``."""
+    attributes = tuple(dict.fromkeys(check_attribute(a) for a in attributes))
+    return attributes, check_task_name(name or default_name(attributes))
+
+
+def demo_teachers(attributes: Sequence[str], name: str
+                  ) -> list[tuple[SourceNetSpec, str, tuple[int, int] | None]]:
+    """The teachers the demo makes for an attribute set, as ``(spec, arch, part)``: every
+    net of METHOD.md's table with a head for one of them (a ResNet-18 on its table part),
+    and one ResNet-34 on all of them, trained on the second half of the training split
+    (where the table nets of the first half are no experts): a pool of mixed architectures
+    in which each attribute has a teacher for each half."""
+    wanted = set(attributes)
+    table = [(s, "resnet18", None) for s in SOURCE_NETS if wanted & set(s.attributes)]
+    mixed = SourceNetSpec("custom", 0, tuple(attributes), label=f"{name}_resnet34")
+    return table + [(mixed, "resnet34", (2, 2))]
