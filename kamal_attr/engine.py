@@ -181,7 +181,8 @@ def evaluate_accuracy(model: nn.Module, loader: Iterable, device: torch.device,
 def fit(method: Method, train_loader: Iterable, val_loader: Iterable,
         optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
         epochs: int, device: torch.device, writer: SummaryWriter | None,
-        on_epoch_end: Callable[[int, dict[str, float]], None], start_epoch: int = 1,
+        on_epoch_end: Callable[[int, dict[str, float], dict[str, float]], None],
+        start_epoch: int = 1,
         name: str = "train", val_columns: Sequence[int] | None = None,
         bf16: bool = False) -> dict[str, float]:
     """Train ``method`` for epochs ``start_epoch..epochs``; returns the last val accuracies.
@@ -191,12 +192,15 @@ def fit(method: Method, train_loader: Iterable, val_loader: Iterable,
     run resumed at ``start_epoch`` continues exactly as an uninterrupted one.
 
     Per epoch: train, step the scheduler; then in the main process only, evaluate the
-    student on ``val_loader``, log to TensorBoard (``loss/<part>``, ``acc/val/<attribute>``,
-    ``lr``, ``img_per_s``; ``writer`` is None elsewhere) and to the plain log, and call
-    ``on_epoch_end(epoch, val_accuracy)`` (which saves the checkpoint).
+    student on ``val_loader``, compute the method's diagnostics on the first val batch,
+    log to TensorBoard (``loss/<part>``, ``acc/val/<attribute>``, ``lr``, ``img_per_s``,
+    the diagnostics; ``writer`` is None elsewhere) and to the plain log, and call
+    ``on_epoch_end(epoch, val_accuracy, figures)`` (which saves the checkpoint; ``figures``:
+    the epoch's mean losses, ``lr``, ``img/s`` and the diagnostics).
     """
     accuracy: dict[str, float] = {}
     step_module = wrap(method, device)  # DistributedDataParallel under torchrun
+    probe = None  # a fixed batch for the diagnostics
     for epoch in range(start_epoch, epochs + 1):
         train_loader.sampler.set_epoch(epoch)  # order and augmentation: a function of (seed, epoch)
         lr = optimizer.param_groups[0]["lr"]
@@ -206,8 +210,14 @@ def fit(method: Method, train_loader: Iterable, val_loader: Iterable,
         if not is_main_process():
             continue
         accuracy = evaluate_accuracy(method.student, val_loader, device, val_columns, bf16)
+        if probe is None:
+            probe = place_images(next(iter(val_loader))[0], device)
+        method.eval()
+        diagnostics = method.diagnostics(probe)
         for k, v in stats.items():
             writer.add_scalar("img_per_s" if k == "img/s" else f"loss/{k}", v, epoch)
+        for k, v in diagnostics.items():
+            writer.add_scalar(k, v, epoch)
         for a, v in accuracy.items():
             writer.add_scalar(f"acc/val/{a}", v, epoch)
         writer.add_scalar("lr", lr, epoch)
@@ -218,5 +228,5 @@ def fit(method: Method, train_loader: Iterable, val_loader: Iterable,
                  name, epoch, epochs, stats["loss"],
                  " ".join(f"{a} {v:.4f}" for a, v in accuracy.items()), mean_acc, lr,
                  stats["img/s"])
-        on_epoch_end(epoch, accuracy)
+        on_epoch_end(epoch, accuracy, {**stats, "lr": lr, **diagnostics})
     return accuracy

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,11 @@ def locate_nets(task: Task, cfg: RunConfig) -> dict[str, Any]:
                        for a in task.attributes},
         "target": saved_epoch(target_dir(cfg.target_root, task.name, cfg.variant),
                               cfg.target_epochs, "--target_epoch")}
+
+
+#: Bins of the entropy histograms of correct and wrong teacher predictions (the paper's
+#: supplementary figure), over [0, ln 2].
+ENTROPY_BINS = 20
 
 
 def evaluate_task(task: Task, cfg: RunConfig, split: str = "test",
@@ -169,9 +175,13 @@ def evaluate_task(task: Task, cfg: RunConfig, split: str = "test",
     result["mean"]["sources"] = sum(all_sources) / len(all_sources) if all_sources else None
     if correct_h:
         c, w = torch.cat(correct_h), torch.cat(wrong_h)
+        edges = torch.linspace(0, math.log(2), ENTROPY_BINS + 1)  # a 2-way softmax: H <= ln 2
         result["entropy"] = {"correct": c.mean().item() if len(c) else None,
                              "wrong": w.mean().item() if len(w) else None,
-                             "num_correct": len(c), "num_wrong": len(w)}
+                             "num_correct": len(c), "num_wrong": len(w),
+                             "histogram": {"edges": edges.tolist(),
+                                           "correct": torch.histc(c, ENTROPY_BINS, 0, math.log(2)).tolist(),
+                                           "wrong": torch.histc(w, ENTROPY_BINS, 0, math.log(2)).tolist()}}
     keys = {t.name: t.key for t in task.all_teachers()}
     order = sorted(about, key=lambda k: (("target", "component", "source").index(k[0]),
                                          int(keys[k[1]]) if k[0] == "source" else attributes.index(k[1])

@@ -55,6 +55,11 @@ class Method(nn.Module):
                       index: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def diagnostics(self, images: torch.Tensor) -> dict[str, float]:
+        """Figures logged once per epoch on a fixed batch (none by default)."""
+        return {}
+
     def forward(self, images: torch.Tensor, labels: torch.Tensor,
                 index: torch.Tensor) -> dict[str, torch.Tensor]:
         """The training step's losses (what ``DistributedDataParallel`` calls)."""
@@ -83,17 +88,23 @@ class SelectiveAmalgamation(Method):
     min-entropy (the paper) or random selection, uniform rows ``1/S`` for averaging. With
     per-image loss ``l_i(x) = sum_b MSE(C_ib(F_s_b), S_ib(F_i_b)) + MSE(z_s, z_i)`` the loss is
 
-        L = sum_i (1/B) sum_x w_xi l_i(x) + sum_i sum_b mean_j (||S_ibj||^2 - 1)^2
+        L = sum_i (1/n_i) sum_x w_xi l_i(x) + sum_i sum_b mean_j (||S_ibj||^2 - 1)^2
 
     where C_i / S_i are the component-/source-side bridges of source net i (1x1 convs to
-    half the teacher's channels). Teacher i runs only on the images with ``w_xi > 0``, so
-    an image's loss reaches only the bridges of the source nets it is routed to.
+    half the teacher's channels) and n_i the number of images of the batch with ``w_xi > 0``.
+    With one-hot routing each source net's term is the mean over the images routed to it, as
+    in the port (which draws one batch per source net): dividing every term by
+    the whole batch instead made the distillation S times weaker against the penalty, and
+    the source-side bridges were trained mostly by the penalty. Teacher i runs only on the
+    images with ``w_xi > 0``, so an image's loss reaches only the bridges of the source
+    nets it is routed to.
     """
 
     def __init__(self, student: AttributeResNet, teachers: Sequence[AttributeResNet],
                  attribute: str, routing: torch.Tensor, feature_loss: bool = True,
-                 inputs: Sequence[nn.Module] | None = None) -> None:
+                 inputs: Sequence[nn.Module] | None = None, penalty: bool = True) -> None:
         super().__init__(student, teachers, inputs)
+        self.penalty = penalty
         if routing.shape[1] != len(teachers):
             raise ValueError("routing needs one column per source net")
         # Kept on the CPU (not a buffer): a step looks up its batch's rows by the loader's
@@ -140,7 +151,6 @@ class SelectiveAmalgamation(Method):
 
     def forward_train(self, images, labels, index):
         order, counts, rows = self.batch_plan(index)
-        batch = images.shape[0]
         if order is not None:
             images = images[order.to(images.device, non_blocking=True)]
         z_student = self.student(images)[:, 0]
@@ -149,12 +159,15 @@ class SelectiveAmalgamation(Method):
         def chunks(x: torch.Tensor) -> Sequence[torch.Tensor]:
             return x.split(counts) if counts else [x] * len(self.teachers)
 
-        weights = None if counts else (rows / batch).to(images.device, non_blocking=True)
+        # averaging: teacher i's weights over the number of images it teaches (1/S each for
+        # averaging over all: the mean over the batch of the averaged losses)
+        weights = None if counts else (rows / (rows > 0).sum(0).clamp_min(1)).to(
+            images.device, non_blocking=True)
 
         def distill(i: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            """Teacher i's term: ``sum_x (w_xi / B) MSE_x`` over the images it teaches."""
-            if counts:  # one-hot: its chunk, all weights 1, so (n_i / B) * the chunk's MSE
-                return F.mse_loss(a, b) * (counts[i] / batch)
+            """Teacher i's term: ``sum_x w_xi MSE_x / n_i`` over the n_i images it teaches."""
+            if counts:  # one-hot: the plain MSE over its chunk
+                return F.mse_loss(a, b)
             return (weights[:, i] * per_sample_mse(a, b)).sum()
         image_chunks, logit_chunks = chunks(images), chunks(z_student)
         feature_chunks = list(zip(*(chunks(f) for f in f_student)))  # per teacher, per tap
@@ -174,9 +187,28 @@ class SelectiveAmalgamation(Method):
                 component_side = self.component_bridges[i](f)
                 for tap, c, s in zip(TAP_LAYERS, component_side, source_side):
                     losses[f"feature/{tap}"] = losses[f"feature/{tap}"] + distill(i, c, s)
-        if self.feature_loss:
+        if self.feature_loss and self.penalty:
             losses["penalty"] = torch.stack([unit_norm_penalty(br) for br in self.source_bridges]).sum()
         return losses
+
+    @torch.no_grad()
+    def diagnostics(self, images: torch.Tensor) -> dict[str, float]:
+        """Root-mean-square output of the bridges at each tap, source side and component
+        side, averaged over the source nets (every teacher sees the whole batch): without
+        the unit-norm penalty both sides can shrink together and the feature loss with them."""
+        if not self.feature_loss:
+            return {}
+        self.student(images)
+        f_student = self.student_taps.features()
+        sums = {f"bridge_rms/{side}/{tap}": 0.0 for side in ("source", "component") for tap in TAP_LAYERS}
+        for i, teacher in enumerate(self.teachers):
+            teacher(self.teacher_inputs[i](images))
+            sides = {"source": self.source_bridges[i](self.teacher_taps[i].features()),
+                     "component": self.component_bridges[i](f_student)}
+            for side, outputs in sides.items():
+                for tap, out in zip(TAP_LAYERS, outputs):
+                    sums[f"bridge_rms/{side}/{tap}"] += out.float().pow(2).mean().sqrt().item()
+        return {k: v / len(self.teachers) for k, v in sums.items()}
 
 
 class TargetAmalgamation(Method):

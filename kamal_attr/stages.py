@@ -8,6 +8,7 @@ checkpoints around :func:`kamal_attr.engine.fit`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -25,12 +26,12 @@ from .celeba import IMAGENET_MEAN, IMAGENET_STD, CelebA
 from .checkpoint import (TrainingPlan, atomic_save, component_dir, epoch_file, fingerprint,
                          load_net, net_record, other_epochs, plan_training, saved_epoch,
                          source_dir, target_dir, weights_digest)
-from .config import RunConfig
+from .config import DEMO, RunConfig
 from .distributed import barrier, is_main_process, rank_and_world
 from .engine import OptimConfig, build_optimizer, build_scheduler, fit, place
 from .methods import Method, SelectiveAmalgamation, SourceTraining, TargetAmalgamation
 from .models import AttributeResNet, build_model, check_tap_sizes, describe_init, input_adapter
-from .pool import Task
+from .pool import Task, demo_teachers, named_attributes, select_task
 from .routing import compute_routing, write_routing
 from .runtime import data_digest, dataset, eval_loader, open_writer, seed_everything, train_loader
 
@@ -115,9 +116,14 @@ def train_net(method: Method, plan: TrainingPlan, recipe: dict[str, Any], cfg: R
     writer = open_writer(run_dir, cfg, {"net": name, "fingerprint": fingerprint(recipe), **extra},
                          plan.start_epoch)
 
-    def save(epoch: int, accuracy: dict[str, float]) -> None:  # main process only
+    # One entry per epoch (losses, lr, img/s, diagnostics, val accuracy): the curves of the
+    # report, kept in every checkpoint; a resume keeps those of the epochs it continues.
+    history = [h for h in (plan.resume or {}).get("history", []) if h["epoch"] < plan.start_epoch]
+
+    def save(epoch: int, accuracy: dict[str, float], figures: dict[str, float]) -> None:
+        history.append({"epoch": epoch, **figures, "val_accuracy": accuracy})  # main process only
         ckpt = net_record(kind, method.student, cfg.image_size, epoch, recipe,
-                          val_accuracy=accuracy, **extra)
+                          val_accuracy=accuracy, history=history, **extra)
         atomic_save(ckpt, epoch_file(plan.out_dir, epoch))
         atomic_save({**ckpt, "method": method.trainable_state_dict(),
                      "optimizer": optimizer.state_dict(),
@@ -158,7 +164,13 @@ def source_part(cfg: RunConfig, spec: SourceNetSpec,
 
 def train_source_net(spec: SourceNetSpec, cfg: RunConfig,
                      part: tuple[int, int] | None = None) -> Path:
-    """Supervised training of one source net (a published teacher, here trained ourselves)."""
+    """Supervised training of one source net (a published teacher, here trained ourselves),
+    with batches of ``cfg.source_batch_size``."""
+    cfg = dataclasses.replace(cfg, batch_size=cfg.source_batch_size)
+    world = rank_and_world()[1]
+    if cfg.batch_size % world:
+        raise KamalError(f"source nets' batch size {cfg.batch_size} must be a multiple of the "
+                         f"{world} torchrun processes; pass --batch_size")
     part = source_part(cfg, spec, part)
     seed = cfg.seed + 1000 * spec.source_id
     init = describe_init(cfg.pretrained, cfg.width, cfg.weights_dir, cfg.arch)
@@ -245,7 +257,9 @@ def train_component(task: Task, attribute: str, cfg: RunConfig,
     recipe = make_recipe(cfg, "component", cfg.amalgamation_optim, cfg.component_epochs,
                          cfg.seed, cfg.arch, group=task.name, attribute=attribute,
                          width=cfg.width, selection=cfg.selection, feature_loss=cfg.feature_loss,
-                         teachers=loaded.digests)
+                         teachers=loaded.digests, loss="mean per source net",
+                         **({} if cfg.penalty else {"penalty": False}))  # (fingerprints of
+    # nets made before the flag existed stay valid)
     name = f"component {task.name}/{attribute}"
     plan = plan_net(component_dir(cfg.components_root, task.name, cfg.variant, attribute),
                     cfg.component_epochs, recipe, cfg, name, RETRAIN_AMALGAMATION)
@@ -265,7 +279,7 @@ def train_component(task: Task, attribute: str, cfg: RunConfig,
                  lists[0].parent)
     student = AttributeResNet([attribute], cfg.width, cfg.arch)
     method = SelectiveAmalgamation(student, loaded.nets, attribute, weights, cfg.feature_loss,
-                                   loaded.inputs)
+                                   loaded.inputs, cfg.penalty)
     record = {"kind": "component", "group": task.name, "variant": cfg.variant,
               "sources": [str(t.path) for t in teachers], "routing_share": share.tolist()}
     run_dir = cfg.log_dir / "components" / task.name / cfg.variant / attribute
@@ -317,3 +331,38 @@ def train_target(task: Task, cfg: RunConfig, data: TaskData | None = None) -> Pa
     return train_net(method, plan, recipe, cfg, name, cfg.target_epochs, cfg.amalgamation_optim,
                      cfg.seed, data.train, data.val,
                      cfg.log_dir / "target" / task.name / cfg.variant, record)
+
+
+def make_demo_teachers(cfg: RunConfig, group: str, attributes: Sequence[str] | None,
+                       name: str | None) -> None:
+    """The one-command demo makes whatever teachers are missing: the group's table nets, or
+    for ``attributes`` those of :func:`~kamal_attr.pool.demo_teachers`. They stand in for
+    published nets: the demo preset's, whatever the student's --arch, --width, --lr or
+    --batch_size (a --sorce_saveEpoch they lack is reported as such)."""
+    demo_sources = dataclasses.replace(
+        cfg, width=DEMO.width, source_batch_size=DEMO.source_batch_size,
+        source_epochs=DEMO.source_epochs, source_optim=dataclasses.replace(DEMO.source_optim),
+        overwrite=False, arch="resnet18")
+    if attributes:
+        for spec, arch, part in demo_teachers(*named_attributes(attributes, name)):
+            train_source_net(spec, dataclasses.replace(demo_sources, arch=arch), part)
+    else:
+        for spec in source_nets_of(group):
+            train_source_net(spec, demo_sources)
+
+
+def amalgamate(cfg: RunConfig, group: str, attributes: Sequence[str] | None = None,
+               name: str | None = None, stage: str = "all") -> Task:
+    """What ``train.py`` does after its checks: in the demo, make the missing teachers; then
+    stage 1 (every component of the task) and stage 2 (its target), as ``stage`` says.
+    Returns the task (a preset ``group``, or ``attributes`` taught by the pool)."""
+    if cfg.demo:
+        make_demo_teachers(cfg, group, attributes, name)
+    task = select_task(group, attributes, name, cfg.sources_root, cfg.source_save_epoch)
+    data = TaskData(task, cfg)  # decoded once, shared by the components and the target
+    if stage in ("component", "all"):
+        for attribute in task.attributes:
+            train_component(task, attribute, cfg, data)
+    if stage in ("target", "all"):
+        train_target(task, cfg, data)
+    return task

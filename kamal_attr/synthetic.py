@@ -1,8 +1,9 @@
 """The embedded default dataset: drawn faces written in the official CelebA layout.
 
 CelebA cannot be downloaded here, so the whole pipeline runs on this stand-in. Every one of
-the 40 attributes has a visible cue (some deliberately subtle: Attractive, Oval_Face,
-Pointy_Nose, Arched_Eyebrows), prevalences are close to CelebA's and the usual dependencies
+the 40 attributes has a visible cue (some deliberately subtle: Attractive, Pointy_Nose,
+Arched_Eyebrows; those of the groups' component attributes large enough for the demo's
+teachers), prevalences are close to CelebA's and the usual dependencies
 hold (hair colours exclusive and absent when bald, beards only on men, makeup rarely on men,
 gray hair mostly old). Nuisances: position, scale, rotation, background, lighting, blur,
 and three *photo styles* (studio, dim, vintage) that hide different cues.
@@ -180,9 +181,15 @@ def render_face(face: dict, style: int, rng: np.random.Generator) -> Image.Image
     s = rng.uniform(0.85, 1.08)
     cx, cy = WIDTH / 2 + rng.uniform(-9, 9), 112 + rng.uniform(-9, 9)
     a = 37 * s * (1.13 if A["Chubby"] else 1.0)
-    b = a * (1.52 if A["Oval_Face"] else 1.2) * (0.93 if A["Chubby"] else 1.0)
+    # Every face has the same length : width (1.2); an oval face's lower half tapers. Its
+    # length is no cue: training crops squash faces by 5-25 %, so a longer face would read
+    # as oval in training and round ones as oval at eval time.
+    b = a * 1.2 * (0.93 if A["Chubby"] else 1.0)
     skin = PALE_SKIN if A["Pale_Skin"] else SKIN_TONES[rng.integers(len(SKIN_TONES))]
-    skin = _jitter(skin, rng, 8) + (255,)
+    skin = _jitter(skin, rng, 8)
+    if not A["Young"]:  # older skin: paler and greyer
+        skin = tuple(int(0.55 * c + 0.45 * g) for c, g in zip(skin, (200, 192, 188)))
+    skin = skin + (255,)
     shade = _darker(skin, 0.72)
     hair = (_jitter(HAIR_COLOURS[("black", "blond", "brown", "red", "gray")[A["hair"] - 1]],
                     rng, 10) + (255,)) if A["hair"] else None
@@ -197,7 +204,7 @@ def render_face(face: dict, style: int, rng: np.random.Generator) -> Image.Image
         left = _wavy_edge(cx - a - 13, cy - 0.5 * b, cy + b + 32, 5, texture, phase)
         right = _wavy_edge(cx + a + 13, cy + b + 32, cy - 0.5 * b, 5, texture, phase)
         d.polygon(left + right, fill=hair)
-    neck_w = 0.5 * a
+    neck_w = 0.38 * a
     d.rectangle([cx - neck_w, cy + 0.6 * b, cx + neck_w, cy + b + 26], fill=skin)
     if A["Wearing_Necktie"]:
         y0 = cy + b + 22
@@ -223,10 +230,24 @@ def render_face(face: dict, style: int, rng: np.random.Generator) -> Image.Image
     for side in (-1, 1):
         ex = cx + side * a * 0.98
         d.ellipse([ex - 6, cy - 10, ex + 6, cy + 12], fill=skin)
-    d.ellipse([cx - a, cy - b, cx + a, cy + b], fill=skin)
-    if A["Male"]:  # a squarer jaw
-        d.polygon([(cx - 0.96 * a, cy + 0.05 * b), (cx - 0.78 * a, cy + 0.86 * b),
-                   (cx + 0.78 * a, cy + 0.86 * b), (cx + 0.96 * a, cy + 0.05 * b)], fill=skin)
+    if A["Oval_Face"]:  # egg-shaped: the lower half tapers to the chin
+        d.polygon([(cx + a * math.cos(t) * (1 - 0.5 * max(0.0, math.sin(t))), cy + b * math.sin(t))
+                   for t in np.linspace(0, 2 * math.pi, 40, endpoint=False)], fill=skin)
+    else:
+        d.ellipse([cx - a, cy - b, cx + a, cy + b], fill=skin)
+    # An oval face tapers to a narrow chin; others have a broad jaw (squarer on men). The
+    # shape, not the length, is the cue: training crops squash faces by up to 25 %.
+    if not A["Oval_Face"]:
+        jaw = (0.78, 0.86) if A["Male"] else (0.62, 0.92)
+        d.polygon([(cx - 0.96 * a, cy + 0.05 * b), (cx - jaw[0] * a, cy + jaw[1] * b),
+                   (cx + jaw[0] * a, cy + jaw[1] * b), (cx + 0.96 * a, cy + 0.05 * b)], fill=skin)
+        d.line([(cx - jaw[0] * a, cy + jaw[1] * b), (cx + jaw[0] * a, cy + jaw[1] * b)],
+               fill=shade, width=6)
+    else:  # hollow cheeks shade the tapering sides down to the chin
+        for side in (-1, 1):
+            d.polygon([(cx + side * 0.85 * a, cy + 0.15 * b), (cx + side * 0.62 * a, cy + 0.55 * b),
+                       (cx + side * 0.2 * a, cy + 0.97 * b), (cx + side * 0.45 * a, cy + 0.45 * b)],
+                      fill=_darker(skin, 0.55, 240))
     if A["Double_Chin"]:
         d.arc([cx - 0.45 * a, cy + 0.78 * b, cx + 0.45 * a, cy + 1.08 * b], 20, 160,
               fill=shade, width=2)
@@ -254,39 +275,43 @@ def render_face(face: dict, style: int, rng: np.random.Generator) -> Image.Image
                    (cx + 0.7 * a, cy - 1.3 * b), (cx + 0.85 * a, cy - 0.68 * b)], fill=hat)
     # --- age --------------------------------------------------------------------------
     if not A["Young"]:
-        wrinkle = _darker(skin, 0.6, 230)
+        wrinkle = _darker(skin, 0.45, 240)
+        for _ in range(6):  # age spots
+            x, y = cx + rng.uniform(-0.7, 0.7) * a, cy + rng.uniform(-0.6, 0.2) * b
+            d.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=(120, 80, 50, 200))
         if not A["Bangs"]:
             for k in range(3):
                 y = cy - 0.5 * b + 5 * k
                 d.line([(cx - 0.4 * a, y), (cx + 0.4 * a, y)], fill=wrinkle, width=2)
         for side in (-1, 1):  # crow's feet and nasolabial folds
             x = cx + side * 0.7 * a
-            d.line([(x, cy - 0.08 * b), (x + side * 6, cy - 0.12 * b)], fill=wrinkle, width=1)
-            d.line([(x, cy - 0.02 * b), (x + side * 6, cy + 0.02 * b)], fill=wrinkle, width=1)
-            d.line([(cx + side * 0.28 * a, cy + 0.3 * b), (cx + side * 0.4 * a, cy + 0.55 * b)],
-                   fill=wrinkle, width=1)
+            d.line([(x, cy - 0.08 * b), (x + side * 8, cy - 0.13 * b)], fill=wrinkle, width=2)
+            d.line([(x, cy - 0.02 * b), (x + side * 8, cy + 0.03 * b)], fill=wrinkle, width=2)
+            d.line([(cx + side * 0.26 * a, cy + 0.28 * b), (cx + side * 0.42 * a, cy + 0.6 * b)],
+                   fill=wrinkle, width=3)
     # --- eyes, brows, makeup, glasses -------------------------------------------------------
     brow = _darker(hair if hair else (90, 70, 60), 0.75) if hair else (80, 60, 50, 255)
     eye_y = cy - 0.05 * b
-    eye_w = 0.21 * a * (1.08 if A["Attractive"] else 1.0)
+    eye_w = 0.27 * a * (1.08 if A["Attractive"] else 1.0)
     eye_h = eye_w * (0.22 if A["Narrow_Eyes"] else 0.62)
     for side in (-1, 1):
         ex = cx + side * 0.4 * a
         ey = eye_y + (0 if A["Attractive"] or side < 0 else 2.5)
         if A["Heavy_Makeup"]:
-            shadow = _jitter((120, 60, 150), rng, 50) + (150,)
-            d.ellipse([ex - eye_w * 1.1, ey - eye_h - 6, ex + eye_w * 1.1, ey + 1], fill=shadow)
-        if A["Bags_Under_Eyes"]:
-            d.arc([ex - eye_w, ey, ex + eye_w, ey + eye_h + 8], 20, 160,
-                  fill=_darker(skin, 0.5), width=4)
-        d.ellipse([ex - eye_w, ey - eye_h, ex + eye_w, ey + eye_h], fill=(250, 250, 250, 255))
+            shadow = _jitter((120, 60, 150), rng, 50) + (200,)
+            d.ellipse([ex - eye_w * 1.25, ey - eye_h - 9, ex + eye_w * 1.25, ey + 2], fill=shadow)
+        if A["Bags_Under_Eyes"]:  # dark, puffy crescents
+            d.chord([ex - eye_w * 1.1, ey - eye_h - 2, ex + eye_w * 1.1, ey + eye_h + 12], 10, 170,
+                    fill=(80, 60, 95, 220))
+        white = (120, 110, 105, 255) if A["Narrow_Eyes"] else (250, 250, 250, 255)  # no white shows
+        d.ellipse([ex - eye_w, ey - eye_h, ex + eye_w, ey + eye_h], fill=white)
         r_iris = min(eye_h, eye_w * 0.5)
         d.ellipse([ex - r_iris, ey - r_iris, ex + r_iris, ey + r_iris], fill=(40, 30, 30, 255))
         if A["Heavy_Makeup"]:
             d.arc([ex - eye_w, ey - eye_h, ex + eye_w, ey + eye_h], 190, 350,
-                  fill=(10, 10, 10, 255), width=2)
+                  fill=(10, 10, 10, 255), width=3)
         by = ey - eye_h - 0.12 * b
-        bw = 7 if A["Bushy_Eyebrows"] else 2
+        bw = 11 if A["Bushy_Eyebrows"] else 2
         if A["Arched_Eyebrows"]:
             d.arc([ex - eye_w * 1.2, by - 3, ex + eye_w * 1.2, by + 7], 200, 340, fill=brow, width=bw)
         else:

@@ -130,22 +130,46 @@ def test_folded_teachers_give_the_same_outputs_and_taps():
         assert torch.allclose(a, b, atol=1e-5), f"tap {name} changed by folding"
 
 
-def test_chunked_stage1_loss_is_the_weighted_mean_over_the_batch():
-    """Sorting the batch by teacher and splitting it changes nothing: the same loss as
-    sum_i (1/B) sum_{x routed to i} MSE_x computed image by image."""
+def test_stage1_loss_is_the_sum_over_source_nets_of_their_mean_over_their_images():
+    """As in the port (one batch per source net, each term a mean over it): sorting the batch
+    by teacher and splitting it gives sum_i mean_{x routed to i} MSE_x, computed image by
+    image here. Dividing each term by the whole batch instead made the distillation S
+    times weaker against the penalty (issue 11); with 1 and 3 images per teacher, that
+    would give a quarter of the first term and three quarters of the second."""
     from kamal_attr.losses import per_sample_mse
     student, teachers = nets()
-    routing = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    routing = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     method = SelectiveAmalgamation(student, teachers, "Bangs", routing).train()
     images = torch.randn(4, 3, 32, 32)
     parts = method.forward_train(images, None, torch.arange(4))
-    expected = 0.0
+    z = method.student(images)[:, 0]  # train-mode BN over the whole batch, as in the step
+    per_teacher = {0: [], 1: []}
     for n in range(4):
         i = int(routing[n].argmax())
         with torch.no_grad():
-            method.student.eval(), method.student.train()
-        z = method.student(images)[:, 0][n:n + 1]  # train-mode BN over the whole batch
-        with torch.no_grad():
             zt = method.teachers[i](images[n:n + 1])[:, method.heads[i]]
-        expected += per_sample_mse(z, zt).sum().item() / 4
+        per_teacher[i].append(per_sample_mse(z[n:n + 1], zt).sum().item())
+    expected = sum(sum(v) / len(v) for v in per_teacher.values())
     assert parts["logit"].item() == pytest.approx(expected, rel=1e-5)
+    averaged = SelectiveAmalgamation(student, teachers, "Bangs", torch.full((4, 2), 0.5)).train()
+    parts = averaged.forward_train(images, None, torch.arange(4))
+    with torch.no_grad():
+        full = [per_sample_mse(z, t(images)[:, h]).mean().item()
+                for t, h in zip(averaged.teachers, averaged.heads)]
+    assert parts["logit"].item() == pytest.approx(sum(full) / 2, rel=1e-5)  # averaged over both
+
+
+def test_no_penalty_ablation_drops_only_the_penalty_and_bridges_can_shrink():
+    student, teachers = nets()
+    method = SelectiveAmalgamation(student, teachers, "Bangs", torch.eye(2), penalty=False).train()
+    parts = method.forward_train(torch.randn(2, 3, 32, 32), None, torch.tensor([0, 1]))
+    assert "penalty" not in parts and "feature/layer4" in parts
+    before = method.eval().diagnostics(torch.randn(4, 3, 32, 32))
+    assert set(before) == {f"bridge_rms/{side}/{tap}" for side in ("source", "component")
+                           for tap in ("conv1", "layer1", "layer2", "layer3", "layer4")}
+    for bridge in list(method.source_bridges) + list(method.component_bridges):
+        for conv in bridge.convs:  # both sides shrunk together: the feature loss shrinks too
+            conv.weight.data.mul_(0.1)
+            conv.bias.data.mul_(0.1)
+    after = method.diagnostics(torch.randn(4, 3, 32, 32))
+    assert all(after[k] < before[k] for k in before)

@@ -78,7 +78,7 @@ def run_fit(schedule: OptimConfig, epochs: int):
                         drop_last=True)
     writer = Scalars()
     fit(method, loader, DataLoader(data, batch_size=4), optimizer, scheduler, epochs,
-        torch.device("cpu"), writer, lambda epoch, acc: None)
+        torch.device("cpu"), writer, lambda epoch, acc, figures: None)
     return method, optimizer, writer
 
 

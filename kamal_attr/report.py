@@ -1,0 +1,333 @@
+"""One command, one report: every group over several seeds, the ablations, and figures.
+
+    python -m kamal_attr.report --demo --seeds 3        # writes results/
+
+For each seed (3256, 3257, ...) and each group it runs, or reuses, the demo of ``train.py``
+(teachers, components, target; the first seed's nets are the plain demo's), then for the
+hair group the ablations (``--selection average|random``, ``--no_feature_loss``,
+``--no_penalty``). It writes ``results/report.md`` (what held and what did not, with the
+smallest margins), ``results/report.json`` (every evaluation it was made from) and PNG
+figures. matplotlib is imported here only: training never needs it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import KamalError
+from .attributes import GROUPS
+from .checkpoint import component_dir, load_checkpoint
+from .cli import ArgumentParser, run
+from .config import REPO_ROOT, amalgamation_parser, resolve_config
+from .evaluation import check_claims, report_task
+from .models import TAP_LAYERS
+from .runtime import ensure_data, start
+from .stages import amalgamate
+
+log = logging.getLogger("kamal_attr")
+
+#: The ablations of METHOD.md's claim 4 and the penalty's, as train.py flags.
+ABLATIONS: dict[str, list[str]] = {
+    "average": ["--selection", "average"],
+    "random": ["--selection", "random"],
+    "logits only": ["--no_feature_loss"],
+    "no penalty": ["--no_penalty"],
+}
+#: The margins the report checks (points): component vs the min-entropy choice it learns
+#: from, component vs best teacher, target vs its component.
+TOLERANCE = {"component_vs_min_entropy": -0.5, "component_vs_best": -0.5, "target_vs_component": -1.0}
+
+
+def seed_flags(seed: int, first: int) -> list[str]:
+    """``train.py`` flags of one seed: the first seed's nets are the plain demo's; the
+    others get folders of their own (their recipes differ, so they cannot share)."""
+    if seed == first:
+        return ["--seed", str(seed)]
+    sub = f"seed{seed}"
+    return ["--seed", str(seed), "--sourcenets_root", f"snapshot/demo/{sub}/sources",
+            "--componentnets_root", f"snapshot/demo/{sub}/components",
+            "--target_root", f"snapshot/demo/{sub}/target",
+            "--sourcedata_txtroot", f"data/demo/{sub}/sources", "--log_dir", f"run/demo/{sub}"]
+
+
+def run_demo(flags: list[str], group: str) -> tuple[dict[str, Any], Any]:
+    """Train (or reuse) one group's demo nets under ``flags`` and evaluate them on the test
+    split (the table is printed); returns the evaluation and the run's config."""
+    cfg = resolve_config(amalgamation_parser().parse_args(["--demo", "--target_attribute", group] + flags))
+    start(cfg)
+    ensure_data(cfg)
+    task = amalgamate(cfg, group)
+    result = report_task(task, cfg, json_path=cfg.log_dir / f"evaluate_{group}_{cfg.variant}.json")
+    return result, cfg
+
+
+def bridge_curves(cfg: Any, group: str) -> dict[str, list[float]]:
+    """Per component of ``group``: the source-side bridges' output RMS (mean over the taps)
+    after each epoch, from the component checkpoints' history."""
+    curves = {}
+    for attribute in GROUPS[group]:
+        last = component_dir(cfg.components_root, group, cfg.variant, attribute) / "last.pth"
+        history = load_checkpoint(last).get("history", []) if last.exists() else []
+        keys = [f"bridge_rms/source/{tap}" for tap in TAP_LAYERS]
+        curves[attribute] = [statistics.mean(h[k] for k in keys) for h in history if keys[0] in h]
+    return curves
+
+
+def margins(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per attribute, in points: component − min-entropy choice, component − best teacher,
+    target − component, target − best teacher."""
+    out = {}
+    for attribute, r in result["attributes"].items():
+        out[attribute] = {"component_vs_min_entropy": 100 * (r["component"] - r["min_entropy"]),
+                          "component_vs_best": 100 * (r["component"] - r["best_source"]),
+                          "target_vs_component": 100 * (r["target"] - r["component"]),
+                          "target_vs_best": 100 * (r["target"] - r["best_source"])}
+    return out
+
+
+def spread(values: Sequence[float]) -> str:
+    """``mean ± half the range`` of ``values`` (points)."""
+    return f"{statistics.mean(values):.2f} ± {(max(values) - min(values)) / 2:.2f}"
+
+
+def summarise(runs: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """The report's verdict, one markdown line per group and check, with the smallest
+    margin and where it is."""
+    lines = []
+    for group, by_seed in runs.items():
+        checks: dict[str, list[tuple[float, str]]] = {k: [] for k in (*TOLERANCE, "target_vs_best")}
+        entropy_holds = []
+        for seed, result in by_seed.items():
+            for attribute, m in margins(result).items():
+                for k, v in m.items():
+                    checks[k].append((v, f"{attribute}, seed {seed}"))
+            claim1 = result["claims"]["1_entropy_lower_when_correct"]
+            entropy_holds.append(claim1 is not None and claim1["holds"])
+        n = len(checks["component_vs_best"])
+        lines.append(f"- **{group}**: claim 1 (entropy lower when a teacher is right) holds for "
+                     f"{sum(entropy_holds)} of {len(entropy_holds)} seeds.")
+        names = {"component_vs_min_entropy": "component ≥ its min-entropy choice − 0.5",
+                 "component_vs_best": "component ≥ best teacher − 0.5 (claim 2, with the issue's tolerance)",
+                 "target_vs_component": "target within 1 point of its component (claim 3)",
+                 "target_vs_best": "target ≥ best teacher (claim 3, strict)"}
+        for k, name in names.items():
+            floor = TOLERANCE.get(k, 0.0)
+            held = sum(v >= floor - 1e-9 for v, _ in checks[k])
+            worst, where = min(checks[k])
+            lines.append(f"  - {name}: **{held}/{n}** attribute runs; smallest margin "
+                         f"{worst:+.2f} ({where})")
+    return lines
+
+
+def figures(report: dict[str, Any], out: Path) -> list[str]:
+    """The PNGs of the report; returns their file names."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    runs = report["runs"]
+    first = str(report["seeds"][0])
+    # entropy of correct vs wrong teacher predictions (the paper's supplementary figure)
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.2), squeeze=False)
+    for ax, (group, by_seed) in zip(axes[0], runs.items()):
+        h = by_seed[first]["entropy"]["histogram"]
+        centres = [(a + b) / 2 for a, b in zip(h["edges"], h["edges"][1:])]
+        width = h["edges"][1] - h["edges"][0]
+        for key, colour in (("correct", "tab:green"), ("wrong", "tab:red")):
+            total = sum(h[key]) or 1
+            ax.bar(centres, [c / total for c in h[key]], width=width, alpha=0.6, color=colour,
+                   label=f"{key} (n={int(sum(h[key]))})")
+        ax.set(title=f"{group}: teacher entropy", xlabel="entropy impurity (nats)",
+               ylabel="share of predictions")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "entropy_histograms.png", dpi=110)
+    names.append("entropy_histograms.png")
+    plt.close(fig)
+    # accuracy per attribute: best teacher, min-entropy choice, component, target
+    keys = (("best_source", "best teacher"), ("min_entropy", "min-entropy choice"),
+            ("component", "component"), ("target", "target"))
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.8 * len(runs), 3.4), squeeze=False)
+    for ax, (group, by_seed) in zip(axes[0], runs.items()):
+        attributes = list(next(iter(by_seed.values()))["attributes"])
+        for k, (key, label) in enumerate(keys):
+            values = [[100 * r["attributes"][a][key] for r in by_seed.values()] for a in attributes]
+            ax.bar([i + (k - 1.5) * 0.2 for i in range(len(attributes))],
+                   [statistics.mean(v) for v in values], width=0.2, label=label,
+                   yerr=[(max(v) - min(v)) / 2 for v in values], capsize=2)
+        ax.set_xticks(range(len(attributes)), [a.replace("_", " ") for a in attributes], fontsize=8)
+        low = min(100 * r["attributes"][a]["best_source"] for r in by_seed.values() for a in attributes)
+        ax.set(title=f"{group} (mean ± half range over seeds)", ylabel="test accuracy %",
+               ylim=(low - 6, 100))
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    names.append("accuracy.png")
+    plt.close(fig)
+    if report["ablations"]:
+        variants = ["min-entropy (paper)"] + list(report["ablations"])
+        comp = [[100 * r["mean"]["component"] for r in report["runs"]["hair"].values()]]
+        targ = [[100 * r["mean"]["target"] for r in report["runs"]["hair"].values()]]
+        for by_seed in report["ablations"].values():
+            comp.append([100 * r["mean"]["component"] for r in by_seed.values()])
+            targ.append([100 * r["mean"]["target"] for r in by_seed.values()])
+        fig, ax = plt.subplots(figsize=(7, 3.4))
+        for k, (values, label) in enumerate(((comp, "components' mean"), (targ, "target's mean"))):
+            ax.bar([i + (k - 0.5) * 0.35 for i in range(len(variants))],
+                   [statistics.mean(v) for v in values], width=0.35, label=label,
+                   yerr=[(max(v) - min(v)) / 2 for v in values], capsize=3)
+        ax.set_xticks(range(len(variants)), variants, fontsize=8)
+        low = min(min(v) for v in comp + targ)
+        ax.set(title="hair: ablations (mean ± half range over seeds)", ylabel="test accuracy %",
+               ylim=(low - 2, max(max(v) for v in comp + targ) + 1))
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "ablations.png", dpi=110)
+        names.append("ablations.png")
+        plt.close(fig)
+    if report["bridge_rms"]:
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        for (variant, curves), style in zip(report["bridge_rms"].items(), ("-", "--")):
+            for attribute, curve in curves.items():
+                ax.plot(range(1, len(curve) + 1), curve, style, label=f"{attribute} ({variant})")
+        ax.set(title=f"hair, seed {first}: source-side bridge output RMS", xlabel="epoch",
+               ylabel="RMS (mean over the 5 taps)", yscale="log")
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / "bridge_norms.png", dpi=110)
+        names.append("bridge_norms.png")
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    groups = list(runs)
+    for k, (key, label) in enumerate((("target", "target"), ("teachers_sum", "its teachers together"))):
+        ax.bar([i + (k - 0.5) * 0.35 for i in range(len(groups))],
+               [runs[g][first]["cost"][key]["mflops"] for g in groups], width=0.35, label=label)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set(title="MFLOPs per image (torch.utils.flop_counter)", ylabel="MFLOPs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "cost.png", dpi=110)
+    names.append("cost.png")
+    plt.close(fig)
+    return names
+
+
+def write_markdown(report: dict[str, Any], pictures: list[str], out: Path) -> Path:
+    seeds = report["seeds"]
+    lines = ["# Adaptive knowledge amalgamation on the synthetic demo: report", "",
+             f"Made by `{report['command']}` in {report['seconds'] / 60:.1f} min "
+             f"(torch {report['torch']}; seeds {', '.join(map(str, seeds))}; "
+             "accuracies on the 2400 test images, in %; margins in points).", "",
+             "## What held", ""]
+    lines += summarise(report["runs"])
+    lines += ["", "Where the min-entropy choice itself is below the best teacher, a component "
+              "that copies it cannot pass the best teacher: that is the method's limit, not the "
+              "implementation's; the tables below give both.", ""]
+    for group, by_seed in report["runs"].items():
+        lines += [f"## {group}", "", "| attribute | best teacher | min-entropy choice | component | target |",
+                  "|---|---|---|---|---|"]
+        for attribute in next(iter(by_seed.values()))["attributes"]:
+            cells = [spread([100 * r["attributes"][attribute][k] for r in by_seed.values()])
+                     for k in ("best_source", "min_entropy", "component", "target")]
+            lines.append(f"| {attribute} | " + " | ".join(cells) + " |")
+        first = by_seed[str(seeds[0])]
+        e = first["entropy"]
+        c = first["cost"]
+        lines += ["", f"Seed {seeds[0]}: teacher entropy {e['correct']:.3f} nats when right, "
+                  f"{e['wrong']:.3f} when wrong. Target: {c['target']['params'] / 1e6:.2f}M "
+                  f"parameters and {c['target']['mflops']:.1f} MFLOPs per image, against "
+                  f"{c['teachers_sum']['params'] / 1e6:.2f}M and {c['teachers_sum']['mflops']:.1f} "
+                  f"for its {c['num_teachers']} teachers together.", ""]
+    if report["ablations"]:
+        lines += ["## Ablations (hair)", "", "| variant | components' mean | target's mean |",
+                  "|---|---|---|"]
+        rows = {"min-entropy (paper)": report["runs"]["hair"], **report["ablations"]}
+        for variant, by_seed in rows.items():
+            lines.append(f"| {variant} | {spread([100 * r['mean']['component'] for r in by_seed.values()])}"
+                         f" | {spread([100 * r['mean']['target'] for r in by_seed.values()])} |")
+        if report["bridge_rms"]:
+            lines += ["", "Source-side bridge output RMS (mean over taps and components) after the "
+                      "first and the last epoch, seed " + str(seeds[0]) + ":"]
+            for variant, curves in report["bridge_rms"].items():
+                firsts = [c[0] for c in curves.values() if c]
+                lasts = [c[-1] for c in curves.values() if c]
+                if firsts:
+                    lines.append(f"- {variant}: {statistics.mean(firsts):.3f} -> {statistics.mean(lasts):.3f}")
+        lines.append("")
+    lines += ["## Figures", ""] + [f"![{p}]({p})" for p in pictures]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--demo", action="store_true",
+                   help="the synthetic demo (required: the only report there is so far)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds, from 3256 up (default 3)")
+    p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
+    p.add_argument("--no_ablations", action="store_true", help="skip the hair ablations")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "results", help="default results/")
+    p.add_argument("--device", help="cuda, cpu... (default: cuda if present)")
+    return p
+
+
+def check_out(out: Path) -> None:
+    """Refuse a ``--out`` folder whose report files this command did not write."""
+    previous = out / "report.json"
+    ours = False
+    if previous.exists():
+        try:
+            ours = "seeds" in json.loads(previous.read_text())
+        except (ValueError, UnicodeDecodeError):
+            ours = False
+    if (out / "report.md").exists() and not ours:
+        raise KamalError(f"{out} holds a report.md this command did not write; pass another --out")
+
+
+def main(args: argparse.Namespace) -> None:
+    if not args.demo:
+        raise KamalError("the report runs the synthetic demo only: pass --demo")
+    if args.seeds < 1:
+        raise KamalError(f"--seeds must be >= 1, got {args.seeds}")
+    check_out(args.out)
+    began = time.perf_counter()
+    seeds = [3256 + k for k in range(args.seeds)]
+    device = ["--device", args.device] if args.device else []
+    report: dict[str, Any] = {"seeds": seeds, "runs": {}, "ablations": {}, "bridge_rms": {},
+                              "torch": torch.__version__,
+                              "command": "python -m kamal_attr.report --demo --seeds "
+                                         f"{args.seeds}" + ("" if args.groups == list(GROUPS) else
+                                                            " --groups " + " ".join(args.groups))
+                                         + (" --no_ablations" if args.no_ablations else "")}
+    for seed in seeds:
+        for group in args.groups:
+            result, cfg = run_demo(seed_flags(seed, seeds[0]) + device, group)
+            report["runs"].setdefault(group, {})[str(seed)] = result
+            if group == "hair" and not args.no_ablations:
+                if seed == seeds[0]:
+                    report["bridge_rms"]["with penalty"] = bridge_curves(cfg, group)
+                for variant, flags in ABLATIONS.items():
+                    result, cfg = run_demo(seed_flags(seed, seeds[0]) + device + flags, group)
+                    result["claims"] = check_claims(result)
+                    report["ablations"].setdefault(variant, {})[str(seed)] = result
+                    if variant == "no penalty" and seed == seeds[0]:
+                        report["bridge_rms"]["without penalty"] = bridge_curves(cfg, group)
+    report["seconds"] = time.perf_counter() - began
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(report, indent=1))
+    pictures = figures(report, args.out)
+    path = write_markdown(report, pictures, args.out)
+    print(f"report written to {path} ({report['seconds'] / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    run(lambda: main(get_args_parser().parse_args()))

@@ -1,0 +1,57 @@
+"""The report (issue 11): margins, verdict lines, markdown and figures from evaluations."""
+import json
+
+import pytest
+
+from kamal_attr import KamalError
+from kamal_attr.report import check_out, figures, margins, summarise, write_markdown
+
+
+def evaluation(offset: float) -> dict:
+    attributes = {"Black_Hair": {"best_source": 0.90, "min_entropy": 0.92, "component": 0.915 + offset,
+                                 "target": 0.91 + offset},
+                  "Bangs": {"best_source": 0.80, "min_entropy": 0.79, "component": 0.795,
+                            "target": 0.78}}
+    mean = {k: sum(r[k] for r in attributes.values()) / 2 for k in ("component", "target")}
+    return {"attributes": attributes, "mean": mean,
+            "claims": {"1_entropy_lower_when_correct": {"holds": True}},
+            "entropy": {"correct": 0.2, "wrong": 0.4, "histogram": {
+                "edges": [0.0, 0.3, 0.6931], "correct": [90.0, 10.0], "wrong": [40.0, 60.0]}},
+            "cost": {"target": {"params": 1e6, "mflops": 40.0}, "num_teachers": 2,
+                     "teachers_sum": {"params": 2e6, "mflops": 80.0}}}
+
+
+def test_margins_and_the_verdict_name_the_smallest_margin():
+    m = margins(evaluation(0.0))
+    assert m["Black_Hair"]["component_vs_min_entropy"] == pytest.approx(-0.5)
+    assert m["Bangs"]["target_vs_component"] == pytest.approx(-1.5)
+    lines = summarise({"hair": {"1": evaluation(0.0), "2": evaluation(0.01)}})
+    text = "\n".join(lines)
+    assert "claim 1 (entropy lower when a teacher is right) holds for 2 of 2 seeds" in text
+    assert "target within 1 point of its component (claim 3): **2/4** attribute runs; smallest " \
+           "margin -1.50 (Bangs, seed 1)" in text
+    assert "component ≥ its min-entropy choice − 0.5: **4/4**" in text
+
+
+def test_markdown_and_figures_are_written(tmp_path):
+    runs = {"hair": {"3256": evaluation(0.0), "3257": evaluation(0.005)}}
+    report = {"seeds": [3256, 3257], "runs": runs, "command": "python -m kamal_attr.report --demo",
+              "seconds": 60.0, "torch": "x",
+              "ablations": {"average": {"3256": evaluation(-0.01), "3257": evaluation(-0.02)}},
+              "bridge_rms": {"with penalty": {"Bangs": [1.0, 0.9]},
+                             "without penalty": {"Bangs": [1.0, 0.1]}}}
+    pictures = figures(report, tmp_path)
+    assert sorted(pictures) == ["ablations.png", "accuracy.png", "bridge_norms.png", "cost.png",
+                                "entropy_histograms.png"]
+    assert all((tmp_path / p).stat().st_size > 1000 for p in pictures)
+    text = write_markdown(report, pictures, tmp_path).read_text()
+    assert "| Black_Hair | 90.00 ± 0.00 | 92.00 ± 0.00 | 91.75 ± 0.25 | 91.25 ± 0.25 |" in text
+    assert "| average |" in text and "- without penalty: 1.000 -> 0.100" in text
+
+
+def test_a_folder_with_someone_elses_report_is_refused(tmp_path):
+    (tmp_path / "report.md").write_text("my notes")
+    with pytest.raises(KamalError, match="report.md this command did not write"):
+        check_out(tmp_path)
+    (tmp_path / "report.json").write_text(json.dumps({"seeds": [1]}))
+    check_out(tmp_path)
