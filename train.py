@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 
-from kamal_attr.attributes import check_group
 from kamal_attr.cli import run
 from kamal_attr.config import amalgamation_parser, resolve_config
 from kamal_attr.distributed import is_main_process
@@ -35,14 +34,14 @@ def main(args: argparse.Namespace) -> None:
     demo_data_needed(cfg)  # refuses a folder it must not write to, before anything is written
     if not cfg.demo:  # an uncovered attribute or a missing teacher stops the run here
         task = select_task(args.target_attribute, args.attributes, args.name, cfg.sources_root,
-                           cfg.source_save_epoch)
+                           cfg.source_save_epoch, need_teachers=args.stage != "target")
         if args.stage in ("component", "all"):
             for attribute in task.attributes:
                 check_teachers(task, attribute, cfg)
     elif args.attributes:  # bad names stop the demo before the data is made
         named_attributes(args.attributes, args.name)
     else:
-        check_group(args.target_attribute)
+        select_task(args.target_attribute, None, args.name, cfg.sources_root, 1)  # group, --name
     start(cfg)
     ensure_data(cfg)
     task = amalgamate(cfg, args.target_attribute, args.attributes, args.name, args.stage)

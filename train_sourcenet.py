@@ -16,7 +16,7 @@ from kamal_attr.cli import ArgumentParser, run
 from kamal_attr.config import (DEMO, POSITIVE, REAL, WIDTH, add_common_args, learning_rate,
                                resolve_config)
 from kamal_attr.models import ARCHS, describe_init
-from kamal_attr.pool import discover_pool, format_pool
+from kamal_attr.pool import check_folder_name, discover_pool, format_pool
 from kamal_attr.distributed import leave_group, my_share
 from kamal_attr.runtime import demo_data_needed, ensure_data, setup_logging, start
 from kamal_attr.stages import train_source_net
@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> None:
     if args.attributes:
         names = CELEBA_ATTRIBUTES if args.attributes == ["all"] else tuple(
             check_attribute(a) for a in args.attributes)
-        specs = [SourceNetSpec("custom", 0, tuple(names), label=args.name)]
+        specs = [SourceNetSpec("custom", 0, tuple(names), label=check_folder_name(args.name))]
     elif args.all:
         specs = list(source_nets_of(args.group) if args.group else SOURCE_NETS)
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,11 +208,34 @@ TO_TENSOR = transforms.Compose([transforms.ToTensor(),
                                 transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+#: Written by the synthetic-data generator (:mod:`kamal_attr.synthetic`) into every dataset
+#: it draws, with the version of its drawings.
+SYNTHETIC_MARKER = ".kamal_attr_synthetic"
+
+
+def drawing_version(folder: Path) -> int | None:
+    """The drawing version of the synthetic dataset whose lists are in ``folder`` (1 for a
+    marker without one), or ``None`` for data the generator did not write."""
+    marker = Path(folder) / SYNTHETIC_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return int(json.loads(marker.read_text()).get("drawing", 1))
+    except (ValueError, AttributeError, TypeError):
+        return 1
+
+
 def list_digest(layout: CelebALayout) -> str:
-    """SHA-256 (16 hex digits) of a dataset's attribute and partition lists."""
+    """SHA-256 (16 hex digits) of a dataset's attribute and partition lists and, for the
+    synthetic data, of its drawing version (faces drawn anew under the same lists are other
+    data: caches and nets made from the old drawings go stale; version 1 adds nothing, so
+    the digests of datasets drawn before versions existed are unchanged)."""
     h = hashlib.sha256()
     for path in (layout.attr_file, layout.partition_file):
         h.update(path.read_bytes())
+    version = drawing_version(layout.attr_file.parent)
+    if version is not None and version > 1:
+        h.update(f"drawing {version}".encode())
     return h.hexdigest()[:16]
 
 

@@ -93,8 +93,9 @@ REAL = Preset(
 
 #: The CPU demo: synthetic data at 64 px, width-16 nets (target 24), short cosine schedules;
 #: the source nets of an attribute split the training split (style-skewed thirds) among them.
-#: Teachers take batches of 16: on a third of the split, 4 epochs of 64 are 75 steps, too
-#: few for the small cues of the eye and face attributes (Oval_Face stays at its baseline).
+#: Teachers take batches of 16: on a third of the 4800 training images, 4 epochs of 64 are
+#: 100 steps (148 on a half), too few for the small cues of the eye and face attributes
+#: (Oval_Face stayed at its baseline).
 #: Components and target train 6 and 8 epochs: at 4 and 6 their losses were still falling.
 DEMO = Preset(
     data_root="data/synthetic", image_size=64, width=16, target_width=24, batch_size=64,
@@ -173,7 +174,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sourcenets_root", help="source nets (default snapshot/sources/)")
     g.add_argument("--log_dir", help="TensorBoard runs and log.txt (default run/)")
     g.add_argument("--weights_dir", default=None,
-                   help="ImageNet ResNet-18 .pth files (default weights/resnet/)")
+                   help="torchvision's ImageNet .pth files, found by architecture "
+                        "(resnet18-*.pth...; default weights/resnet/)")
     g = p.add_argument_group("run")
     g.add_argument("--image_size", type=IMAGE_SIZE, help="input size, >= 32 (224; demo 64)")
     g.add_argument("--batch_size", type=BATCH_SIZE, help="batch size, >= 2 (64)")

@@ -15,7 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from . import KamalError
 from .celeba import IMAGENET_MEAN, IMAGENET_STD
-from .checkpoint import component_dir, load_net, saved_epoch, target_dir
+from .checkpoint import component_dir, load_checkpoint, load_net, saved_epoch, target_dir
 from .config import RunConfig
 from .engine import accuracy_per_head, predict, predict_many
 from .losses import entropy_impurity, route_by_entropy
@@ -122,6 +122,12 @@ def evaluate_task(task: Task, cfg: RunConfig, split: str = "test",
                         component_dir(cfg.components_root, task.name, cfg.variant, attribute))
         else:
             add(("component", attribute), path, "component", attribute)
+            learnt = set(load_checkpoint(path).get("sources", []))
+            now = {str(p) for _, p in nets["sources"][attribute] if p is not None}
+            if learnt and learnt != now:
+                log.warning("component %s learnt from %s; the teachers now are %s (the pool "
+                            "changed since it was trained)", attribute, ", ".join(sorted(learnt)),
+                            ", ".join(sorted(now)))
     outputs, _ = predict_many(list(models.values()), eval_loader(cfg, test_data), device,
                               desc=f"evaluating {len(models)} nets")  # float32: the reported figures
     logits_of = dict(zip(models, outputs))
@@ -144,8 +150,9 @@ def evaluate_task(task: Task, cfg: RunConfig, split: str = "test",
             wrong_h.append(h[~right])
             if writer is not None:
                 tag = teacher.name.replace("/", "__")
-                writer.add_histogram(f"entropy/{attribute}/{tag}/correct", h[right], 0)
-                writer.add_histogram(f"entropy/{attribute}/{tag}/wrong", h[~right], 0)
+                for kind, values in (("correct", h[right]), ("wrong", h[~right])):
+                    if len(values):  # a teacher right (or wrong) on every image has no other
+                        writer.add_histogram(f"entropy/{attribute}/{tag}/{kind}", values, 0)
             row["sources"][teacher.key] = _accuracy(z, labels[:, j])
             ids.append(teacher.key)
             logits.append(z)

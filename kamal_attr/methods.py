@@ -88,12 +88,11 @@ class SelectiveAmalgamation(Method):
     min-entropy (the paper) or random selection, uniform rows ``1/S`` for averaging. With
     per-image loss ``l_i(x) = sum_b MSE(C_ib(F_s_b), S_ib(F_i_b)) + MSE(z_s, z_i)`` the loss is
 
-        L = sum_i (1/n_i) sum_x w_xi l_i(x) + sum_i sum_b mean_j (||S_ibj||^2 - 1)^2
+        L = sum_i [sum_x w_xi l_i(x) / sum_x w_xi] + sum_i sum_b mean_j (||S_ibj||^2 - 1)^2
 
     where C_i / S_i are the component-/source-side bridges of source net i (1x1 convs to
-    half the teacher's channels) and n_i the number of images of the batch with ``w_xi > 0``.
-    With one-hot routing each source net's term is the mean over the images routed to it, as
-    in the port (which draws one batch per source net): dividing every term by
+    half the teacher's channels). Each source net's term is the (weighted) mean over the
+    images routed to it, as in the port (which draws one batch per source net): dividing every term by
     the whole batch instead made the distillation S times weaker against the penalty, and
     the source-side bridges were trained mostly by the penalty. Teacher i runs only on the
     images with ``w_xi > 0``, so an image's loss reaches only the bridges of the source
@@ -159,13 +158,13 @@ class SelectiveAmalgamation(Method):
         def chunks(x: torch.Tensor) -> Sequence[torch.Tensor]:
             return x.split(counts) if counts else [x] * len(self.teachers)
 
-        # averaging: teacher i's weights over the number of images it teaches (1/S each for
-        # averaging over all: the mean over the batch of the averaged losses)
-        weights = None if counts else (rows / (rows > 0).sum(0).clamp_min(1)).to(
+        # averaging: each teacher's weights over their sum (its term a weighted mean, on the
+        # same scale as a one-hot teacher's)
+        weights = None if counts else (rows / rows.sum(0).clamp_min(1e-12)).to(
             images.device, non_blocking=True)
 
         def distill(i: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            """Teacher i's term: ``sum_x w_xi MSE_x / n_i`` over the n_i images it teaches."""
+            """Teacher i's term: ``sum_x w_xi MSE_x / sum_x w_xi`` over the images it teaches."""
             if counts:  # one-hot: the plain MSE over its chunk
                 return F.mse_loss(a, b)
             return (weights[:, i] * per_sample_mse(a, b)).sum()

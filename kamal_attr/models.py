@@ -221,8 +221,13 @@ def find_imagenet_weights(weights_dir: str | Path, arch: str = "resnet18") -> Pa
     """The first ``.pth`` file named after ``arch`` in ``weights_dir`` (torchvision's names:
     ``resnet18-f37072fd.pth``, ``resnet34-b627a593.pth``, ``resnet50-0676ba61.pth``), if any."""
     weights_dir = Path(weights_dir)
-    files = sorted(weights_dir.glob(f"{arch}*.pth")) if weights_dir.is_dir() else []
-    return files[0] if files else None
+    files = sorted(weights_dir.glob("*.pth")) if weights_dir.is_dir() else []
+    named = [f for f in files if f.name.startswith(arch)]
+    if named:
+        return named[0]
+    # a lone file named otherwise (as older versions accepted): its shapes are checked on loading
+    others = [f for f in files if not f.name.startswith(tuple(ARCHS))]
+    return others[0] if len(files) == 1 and others else None
 
 
 def load_imagenet_weights(model: AttributeResNet, path: str | Path) -> int:

@@ -85,31 +85,38 @@ class PoolEntry:
 
 
 def _candidates(root: Path, save_epoch: int) -> tuple[list[tuple[str, Path]], list[str]]:
-    """``(name, file)`` for each net under ``root``, and notes on folders passed over.
+    """``(name, file)`` for each net under ``root``, and notes on what was passed over.
 
-    A folder of ``epoch_NNN.pth`` files (a net trained by this project) gives epoch
-    ``save_epoch`` if it has it, else its last epoch once the net has finished (no
-    ``last.pth`` of an unfinished run); any other ``.pth`` file is a candidate of its own
-    (a downloaded teacher). ``last.pth`` and temporary files are never candidates.
+    A folder of ``epoch_NNN.pth`` files (a net trained by this project; named by its path
+    under ``root``) gives epoch ``save_epoch`` if it has it, else its last epoch once the
+    net has finished (no ``last.pth`` of an unfinished run); any other ``.pth`` file is a
+    candidate of its own (a downloaded teacher; named by its path, suffix included, so a
+    file ``x.pth`` and a folder ``x/`` differ). ``last.pth`` is never a candidate.
     """
     found, notes = [], []
     folders = sorted({p.parent for p in root.rglob("epoch_*.pth")})
     for folder in folders:
-        name = folder.relative_to(root).as_posix() or folder.name
+        name = folder.name if folder == root else folder.relative_to(root).as_posix()
+        epochs = available_epochs(folder)
+        if not epochs:  # only names such as epoch_best.pth: files of their own, below
+            continue
         chosen = epoch_file(folder, save_epoch)
         if not chosen.exists():
-            epochs = available_epochs(folder)
             if (folder / "last.pth").exists():
-                last = load_checkpoint(folder / "last.pth")
-                if last["epoch"] < last.get("recipe", {}).get("epochs", last["epoch"]):
+                try:
+                    last = load_checkpoint(folder / "last.pth")
+                except KamalError as e:
+                    notes.append(f"{name}: passed over, {e}")
+                    continue
+                if last.get("epoch", 0) < last.get("recipe", {}).get("epochs", 0):
                     notes.append(f"{name}: still training (epochs {', '.join(map(str, epochs))})")
                     continue
             chosen = epoch_file(folder, epochs[-1])
         found.append((name, chosen))
     for path in sorted(root.rglob("*.pth")):
-        if path.parent in folders or path.name == "last.pth":
-            continue
-        found.append((path.relative_to(root).with_suffix("").as_posix(), path))
+        if path.name == "last.pth" or (path.name.startswith("epoch_") and path.stem[6:].isdigit()):
+            continue  # a net's own files: chosen above
+        found.append((path.relative_to(root).as_posix(), path))
     return found, notes
 
 
@@ -128,7 +135,8 @@ def discover_pool(root: Path, save_epoch: int) -> tuple[list[PoolEntry], list[st
             notes.append(f"{name}: passed over, {e}")
             continue
         if ckpt.get("kind") != "source":
-            continue  # a component or target net kept beside the teachers
+            notes.append(f"{name}: passed over, a {ckpt.get('kind')} net, not a source net")
+            continue
         record = {k: v for k, v in ckpt.items() if k not in ("model", "method", "optimizer",
                                                               "scheduler")}
         entries.append(PoolEntry(name, path, record))
@@ -152,27 +160,39 @@ def default_name(attributes: Sequence[str]) -> str:
     return f"custom{len(attributes)}-" + hashlib.sha256(joined.encode()).hexdigest()[:8]
 
 
-def check_task_name(name: str) -> str:
-    if name in GROUPS:
-        raise KamalError(f"--name {name} is a preset group's folder; pass --target_attribute "
-                         f"{name} for the preset, or another --name")
-    if not name or "/" in name or name.startswith("."):
+def check_folder_name(name: str) -> str:
+    """``--name`` becomes a folder: a plain name, never a path that leaves its root."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
         raise KamalError(f"--name {name!r} must be a plain folder name")
     return name
 
 
-def pool_task(name: str, attributes: Sequence[str], root: Path, save_epoch: int) -> Task:
+def check_task_name(name: str) -> str:
+    if name in GROUPS:
+        raise KamalError(f"--name {name} is a preset group's folder; pass --target_attribute "
+                         f"{name} for the preset, or another --name")
+    return check_folder_name(name)
+
+
+def pool_task(name: str, attributes: Sequence[str], root: Path, save_epoch: int,
+              need_teachers: bool = True) -> Task:
     """A task whose attribute ``a`` is taught by every pool teacher with a head for ``a``.
 
-    Raises, before anything is trained, when an attribute has no teacher, with one line
+    Raises, before anything is trained, when an attribute has no teacher (unless
+    ``need_teachers`` is false: stage 2 learns from the components alone), with one line
     listing the uncovered attributes and what the pool covers."""
     entries, _ = discover_pool(root, save_epoch)
     used = [e for e in entries if set(e.attributes) & set(attributes)]
     keys = {e.name: str(k) for k, e in enumerate(used, start=1)}
     teachers = {a: tuple(Teacher(keys[e.name], e.name, e.path) for e in used if a in e.attributes)
                 for a in attributes}
+    flat = [e.name.replace("/", "__") for e in used]
+    clash = sorted({n for n in flat if flat.count(n) > 1})
+    if clash:
+        raise KamalError(f"teachers under {root} whose routing lists would share a name "
+                         f"({', '.join(clash)}): rename one of their folders")
     uncovered = [a for a in attributes if not teachers[a]]
-    if uncovered:
+    if uncovered and need_teachers:
         have = ", ".join(f"{a} ({n})" for a, n in coverage(entries).items()) or "nothing"
         raise KamalError(f"no teacher in the pool covers {', '.join(uncovered)}; the pool "
                          f"({len(entries)} source nets under {root}) covers: {have}. Train one "
@@ -199,12 +219,15 @@ def format_pool(entries: Sequence[PoolEntry], notes: Sequence[str], root: Path) 
 
 
 def select_task(group: str | None, attributes: Sequence[str] | None, name: str | None,
-                sources_root: Path, save_epoch: int) -> Task:
+                sources_root: Path, save_epoch: int, need_teachers: bool = True) -> Task:
     """The task a script's flags name: ``--attributes`` (with ``--name``) from the pool,
     else the preset ``--target_attribute`` group."""
     if attributes:
         attributes, name = named_attributes(attributes, name)
-        return pool_task(name, attributes, sources_root, save_epoch)
+        return pool_task(name, attributes, sources_root, save_epoch, need_teachers)
+    if name:
+        raise KamalError(f"--name {name} names an --attributes task; a group's folders are its "
+                         "name (--target_attribute)")
     return preset_task(check_group(group or "hair"), save_epoch, sources_root)
 
 

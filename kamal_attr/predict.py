@@ -112,7 +112,12 @@ def main(args: argparse.Namespace) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + f".partial-{os.getpid()}")
     tmp.write_text(text.getvalue())
-    os.replace(tmp, args.out)
+    try:
+        os.link(tmp, args.out)  # fails, instead of replacing, if --out appeared meanwhile
+    except FileExistsError:
+        raise KamalError(f"--out {args.out} exists; it is never overwritten: pass a new file") from None
+    finally:
+        tmp.unlink()
     print(f"{len(images)} images, {len(attributes)} attributes: written to {args.out}",
           file=sys.stderr)
 

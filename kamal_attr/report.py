@@ -26,7 +26,8 @@ from .attributes import GROUPS
 from .checkpoint import component_dir, load_checkpoint
 from .cli import ArgumentParser, run
 from .config import REPO_ROOT, amalgamation_parser, resolve_config
-from .evaluation import check_claims, report_task
+from .distributed import rank_and_world
+from .evaluation import report_task
 from .models import TAP_LAYERS
 from .runtime import ensure_data, start
 from .stages import amalgamate
@@ -280,8 +281,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: The files the report writes into ``--out``.
+OUTPUTS = ("report.md", "report.json", "entropy_histograms.png", "accuracy.png", "ablations.png",
+           "bridge_norms.png", "cost.png")
+
+
 def check_out(out: Path) -> None:
-    """Refuse a ``--out`` folder whose report files this command did not write."""
+    """Refuse a ``--out`` folder holding any file of the report's names that this command
+    did not write (a ``report.json`` of ours proves the folder is ours)."""
     previous = out / "report.json"
     ours = False
     if previous.exists():
@@ -289,8 +296,10 @@ def check_out(out: Path) -> None:
             ours = "seeds" in json.loads(previous.read_text())
         except (ValueError, UnicodeDecodeError):
             ours = False
-    if (out / "report.md").exists() and not ours:
-        raise KamalError(f"{out} holds a report.md this command did not write; pass another --out")
+    taken = [name for name in OUTPUTS if (out / name).exists()]
+    if taken and not ours:
+        raise KamalError(f"{out} holds {', '.join(taken)}, which this command did not write; "
+                         "pass another --out")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -298,6 +307,8 @@ def main(args: argparse.Namespace) -> None:
         raise KamalError("the report runs the synthetic demo only: pass --demo")
     if args.seeds < 1:
         raise KamalError(f"--seeds must be >= 1, got {args.seeds}")
+    if rank_and_world()[1] > 1:
+        raise KamalError("the report runs in one process: start it with python, not torchrun")
     check_out(args.out)
     began = time.perf_counter()
     seeds = [3256 + k for k in range(args.seeds)]
@@ -317,7 +328,6 @@ def main(args: argparse.Namespace) -> None:
                     report["bridge_rms"]["with penalty"] = bridge_curves(cfg, group)
                 for variant, flags in ABLATIONS.items():
                     result, cfg = run_demo(seed_flags(seed, seeds[0]) + device + flags, group)
-                    result["claims"] = check_claims(result)
                     report["ablations"].setdefault(variant, {})[str(seed)] = result
                     if variant == "no penalty" and seed == seeds[0]:
                         report["bridge_rms"]["without penalty"] = bridge_curves(cfg, group)

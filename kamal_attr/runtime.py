@@ -21,11 +21,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from . import KamalError
-from .celeba import CelebA, CelebAError, device_views, find_celeba, list_digest
+from .celeba import CelebA, CelebAError, device_views, drawing_version, find_celeba, list_digest
 from .config import RunConfig
 from .distributed import barrier, init_distributed, is_main_process, rank_and_world
 from .imagecache import build_cache, cache_file
-from .synthetic import check_writable, generate
+from .synthetic import DRAWING, check_writable, generate
 
 log = logging.getLogger("kamal_attr")
 
@@ -73,14 +73,16 @@ def demo_data_needed(cfg: RunConfig) -> bool:
 
     Whether the folder holds CelebA is decided by the reader itself (:func:`find_celeba`,
     every layout, also one level down as in ``~/datasets/celeba``): then it is used as it
-    is. Otherwise the folder must be missing, empty or a synthetic dataset of ours;
+    is, unless it is a synthetic dataset of ours drawn by an older version of the generator
+    (:data:`~kamal_attr.synthetic.DRAWING`), which is drawn again. Otherwise the folder must be missing, empty or a synthetic dataset of ours;
     anything else stops here, before a file is written.
     """
     if not cfg.demo:
         return False
     try:
-        find_celeba(cfg.data_root)
-        return False
+        layout = find_celeba(cfg.data_root)
+        version = drawing_version(layout.attr_file.parent)
+        return version is not None and version < DRAWING  # ours, drawn by an older generator
     except CelebAError as e:
         try:
             check_writable(cfg.data_root)
@@ -97,7 +99,10 @@ def ensure_data(cfg: RunConfig) -> None:
     and its decoded-image cache (into ``cfg.cache_dir``, never into the data folder).
     Without a cache, say once how to make one."""
     if demo_data_needed(cfg) and is_main_process():
-        log.info("demo: generating the synthetic dataset in %s (once)", cfg.data_root)
+        old = drawing_version(Path(cfg.data_root))
+        log.info("demo: generating the synthetic dataset in %s (%s)", cfg.data_root,
+                 "once" if old is None else f"again: it was drawn by version {old} of the "
+                 f"generator, this is version {DRAWING}")
         generate(cfg.data_root)
     barrier()  # the other processes read it only once it is there
     if not cfg.use_cache:

@@ -208,6 +208,9 @@ def check_teachers(task: Task, attribute: str, cfg: RunConfig) -> None:
              f" --image_size {cfg.image_size}")
     lines = []
     for t in missing:
+        if t.spec is None:  # a pool teacher that went away since the pool was read
+            lines.append(f"  {t.path}\n    it was in the pool a moment ago; rerun")
+            continue
         how = other_epochs(t.path.parent, "--sorce_saveEpoch") or (
             f"make it with: python train_sourcenet.py{demo} --target_attribute "
             f"{t.spec.component} --source_id {t.spec.source_id} --epochs {cfg.source_save_epoch}{where}")
@@ -258,8 +261,8 @@ def train_component(task: Task, attribute: str, cfg: RunConfig,
                          cfg.seed, cfg.arch, group=task.name, attribute=attribute,
                          width=cfg.width, selection=cfg.selection, feature_loss=cfg.feature_loss,
                          teachers=loaded.digests, loss="mean per source net",
-                         **({} if cfg.penalty else {"penalty": False}))  # (fingerprints of
-    # nets made before the flag existed stay valid)
+                         # only where it changes the loss (with the feature loss)
+                         **({} if cfg.penalty or not cfg.feature_loss else {"penalty": False}))
     name = f"component {task.name}/{attribute}"
     plan = plan_net(component_dir(cfg.components_root, task.name, cfg.variant, attribute),
                     cfg.component_epochs, recipe, cfg, name, RETRAIN_AMALGAMATION)
@@ -358,7 +361,8 @@ def amalgamate(cfg: RunConfig, group: str, attributes: Sequence[str] | None = No
     Returns the task (a preset ``group``, or ``attributes`` taught by the pool)."""
     if cfg.demo:
         make_demo_teachers(cfg, group, attributes, name)
-    task = select_task(group, attributes, name, cfg.sources_root, cfg.source_save_epoch)
+    task = select_task(group, attributes, name, cfg.sources_root, cfg.source_save_epoch,
+                       need_teachers=stage != "target")
     data = TaskData(task, cfg)  # decoded once, shared by the components and the target
     if stage in ("component", "all"):
         for attribute in task.attributes:

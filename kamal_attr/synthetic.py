@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from . import KamalError
 from .attributes import CELEBA_ATTRIBUTES
+from .celeba import SYNTHETIC_MARKER
 from .cli import ArgumentParser, run
 from .config import bounded_int
 
@@ -421,7 +422,12 @@ def _write_attr_list(path: Path, names: list[str], labels: np.ndarray) -> None:
 
 #: Written first into every folder the generator makes: the proof that a folder is ours
 #: (only such a folder, or an empty one, is ever replaced or removed by the generator).
-MARKER = ".kamal_attr_synthetic"
+MARKER = SYNTHETIC_MARKER
+#: Version of the drawings, recorded in :data:`MARKER`: 2 has the eye and face cues a demo
+#: teacher learns and smiles that show teeth (issues 10, 11). A dataset of ours drawn by an
+#: older version is drawn again by the demo; its digest, and so every net and cache made
+#: from it, changes with the version.
+DRAWING = 2
 
 
 def is_ours(folder: str | Path) -> bool:
@@ -477,7 +483,7 @@ def generate(out: str | Path, num_images: int = 8000, seed: int = 0,
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     (tmp / MARKER).write_text(json.dumps({"num_images": num_images, "seed": seed,
-                                          "pid": os.getpid()}) + "\n")
+                                          "drawing": DRAWING, "pid": os.getpid()}) + "\n")
     (tmp / "img_align_celeba").mkdir()
     keys = list(faces)
     jobs = [(i, {k: (int(faces[k][i]) if faces[k].dtype != bool else bool(faces[k][i]))

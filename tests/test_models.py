@@ -80,3 +80,14 @@ def test_channels_last_placement_keeps_the_outputs():
     assert net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(logits, expected, atol=1e-5)
     assert place(net, torch.device("cpu")) is net
+
+
+def test_imagenet_weights_are_found_by_architecture(tmp_path):
+    from kamal_attr.models import find_imagenet_weights
+    (tmp_path / "resnet50-0676ba61.pth").write_bytes(b"")
+    assert find_imagenet_weights(tmp_path, "resnet18") is None  # another architecture's file
+    assert find_imagenet_weights(tmp_path, "resnet50").name == "resnet50-0676ba61.pth"
+    other = tmp_path / "lone"
+    other.mkdir()
+    (other / "imagenet.pth").write_bytes(b"")  # one file named otherwise: tried (shapes checked)
+    assert find_imagenet_weights(other, "resnet34").name == "imagenet.pth"

@@ -39,13 +39,19 @@ def test_pool_finds_source_nets_at_any_depth_and_passes_over_the_rest(tmp_path):
     component = AttributeResNet(["Male"], 4)
     atomic_save(net_record("component", component, 32, 1, {}), tmp_path / "c/epoch_001.pth")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pth")
+    save_source(tmp_path / "r34.pth", ["Male"])  # a file beside the folder r34/: another net
+    save_source(tmp_path / "odd/epoch_best.pth", ["Male"])  # not an epoch: a file of its own
+    save_source(tmp_path / "broken/epoch_002.pth", ["Male"], epoch=2, epochs=2)
+    (tmp_path / "broken/last.pth").write_bytes(b"not a checkpoint")
     entries, notes = discover_pool(tmp_path, save_epoch=1)
     found = {e.name: (e.record["arch"], e.record["epoch"]) for e in entries}
-    assert found == {"a/deep/r18": ("resnet18", 1), "r34": ("resnet34", 3),
-                     "downloaded": ("resnet50", 1)}, found
+    assert found == {"a/deep/r18": ("resnet18", 1), "r34": ("resnet34", 3), "r34.pth": ("resnet18", 1),
+                     "downloaded.pth": ("resnet50", 1), "odd/epoch_best.pth": ("resnet18", 1)}, found
     assert any("busy: still training" in n for n in notes), notes
-    assert any("foreign: passed over" in n and "not a kamal_attr checkpoint" in n for n in notes)
-    assert coverage(entries) == {"Bangs": 1, "Male": 1, "Smiling": 2}
+    assert any("broken: passed over, cannot load" in n for n in notes), notes
+    assert any("c: passed over, a component net" in n for n in notes), notes
+    assert any("foreign.pth: passed over" in n and "not a kamal_attr checkpoint" in n for n in notes)
+    assert coverage(entries) == {"Bangs": 1, "Male": 3, "Smiling": 2}
 
 
 def test_a_teacher_serves_every_head_it_has_and_uncovered_attributes_stop(tmp_path):

@@ -172,26 +172,30 @@ def selective(routing):
 
 
 def test_stage1_loss_weighs_each_image_by_its_routing_weight():
+    """Each source net's term is the weighted mean of its per-image losses: an image with
+    three times another's weight counts three times as much."""
+    from kamal_attr.losses import per_sample_mse
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     index = torch.arange(4)
-    rows = {"first": [1.0, 0.0], "second": [0.0, 1.0], "mixed": [0.25, 0.75]}
-    parts = {}
-    for name, row in rows.items():
-        method = selective(torch.tensor([row] * 4))
-        parts[name] = {k: v.item() for k, v in method.forward_train(images, None, index).items()}
-    for key in parts["mixed"]:
-        if key == "penalty":
-            continue
-        expected = 0.25 * parts["first"][key] + 0.75 * parts["second"][key]
-        assert parts["mixed"][key] == pytest.approx(expected, rel=1e-5), (
-            f"stage-1 '{key}' loss with routing weights (0.25, 0.75) is {parts['mixed'][key]:.5f}, "
-            f"not the weighted mean {expected:.5f} of the per-teacher losses: weights ignored?")
+    routing = torch.tensor([[0.25, 0.75], [0.75, 0.25], [0.5, 0.5], [1.0, 0.0]])
+    method = selective(routing)
+    logit = method.forward_train(images, None, index)["logit"].item()
+    z_student = method.student(images)[:, 0]
+    expected = 0.0
+    with torch.no_grad():
+        for i, teacher in enumerate(method.teachers):
+            losses = per_sample_mse(z_student, teacher(images)[:, method.heads[i]])
+            expected += (routing[:, i] * losses).sum().item() / routing[:, i].sum().item()
+    assert logit == pytest.approx(expected, rel=1e-5), (
+        f"stage-1 logit loss with routing weights is {logit:.5f}, not the sum over source nets "
+        f"of their weighted means {expected:.5f}: weights ignored?")
     # one teacher for every image: the port's per-source-net mean over its own batch
     method = selective(torch.tensor([[1.0, 0.0]] * 4))
+    logit = method.forward_train(images, None, index)["logit"].item()
     with torch.no_grad():
         z_teacher = method.teachers[0](images)[:, 0]
     z_student = method.student(images)[:, 0]
-    assert parts["first"]["logit"] == pytest.approx(nn.functional.mse_loss(z_student, z_teacher).item(), rel=1e-5)
+    assert logit == pytest.approx(nn.functional.mse_loss(z_student, z_teacher).item(), rel=1e-5)
 
 
 def test_each_stage_has_its_own_optimiser_and_scheduler(tmp_path):

@@ -51,7 +51,8 @@ def test_markdown_and_figures_are_written(tmp_path):
 
 def test_a_folder_with_someone_elses_report_is_refused(tmp_path):
     (tmp_path / "report.md").write_text("my notes")
-    with pytest.raises(KamalError, match="report.md this command did not write"):
+    (tmp_path / "cost.png").write_bytes(b"a picture")
+    with pytest.raises(KamalError, match="holds report.md, cost.png, which this command did not write"):
         check_out(tmp_path)
     (tmp_path / "report.json").write_text(json.dumps({"seeds": [1]}))
     check_out(tmp_path)

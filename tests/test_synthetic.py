@@ -51,3 +51,21 @@ def test_layout_noise_and_determinism(tmp_path, synthetic_root):
     sizes = [len(CelebA(synthetic_root, s, ["Male"], image_size=32)) for s in ("train", "val", "test")]
     assert sizes == list(split_sizes(54)) == [32, 5, 17]
 
+
+
+def test_a_dataset_drawn_by_an_older_generator_is_other_data_and_is_drawn_again(tmp_path):
+    """Same lists, other drawings: the digest (hence caches and recipes) must change, and
+    the demo redraws a dataset of ours made by an older version (issue 11's review)."""
+    import json
+    from types import SimpleNamespace
+    from kamal_attr.celeba import find_celeba, list_digest
+    from kamal_attr.runtime import demo_data_needed
+    from kamal_attr.synthetic import DRAWING, MARKER
+    root = generate(tmp_path / "synthetic", num_images=12, seed=1, workers=1)
+    cfg = SimpleNamespace(demo=True, data_root=root)
+    assert json.loads((root / MARKER).read_text())["drawing"] == DRAWING
+    assert not demo_data_needed(cfg)
+    new = list_digest(find_celeba(root))
+    (root / MARKER).write_text(json.dumps({"num_images": 12, "seed": 1}))  # before versions
+    assert demo_data_needed(cfg)
+    assert list_digest(find_celeba(root)) != new
