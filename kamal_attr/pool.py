@@ -240,11 +240,11 @@ def named_attributes(attributes: Sequence[str], name: str | None) -> tuple[tuple
 def demo_teachers(attributes: Sequence[str], name: str
                   ) -> list[tuple[SourceNetSpec, str, tuple[int, int] | None]]:
     """The teachers the demo makes for an attribute set, as ``(spec, arch, part)``: every
-    net of METHOD.md's table with a head for one of them (a ResNet-18 on its table part),
-    and one ResNet-34 on all of them, trained on the second half of the training split
-    (where the table nets of the first half are no experts): a pool of mixed architectures
-    in which each attribute has a teacher for each half."""
+    net of METHOD.md's table with a head for one of them (ResNet-18 specialists, each on its
+    table part of the training split), and one ResNet-34 generalist on all of them, trained
+    on the whole split (so that every attribute, also one of no table net, has a teacher):
+    a pool of mixed architectures."""
     wanted = set(attributes)
     table = [(s, "resnet18", None) for s in SOURCE_NETS if wanted & set(s.attributes)]
     mixed = SourceNetSpec("custom", 0, tuple(attributes), label=f"{name}_resnet34")
-    return table + [(mixed, "resnet34", (2, 2))]
+    return table + [(mixed, "resnet34", None)]
