@@ -56,3 +56,14 @@ def test_a_folder_with_someone_elses_report_is_refused(tmp_path):
         check_out(tmp_path)
     (tmp_path / "report.json").write_text(json.dumps({"seeds": [1]}))
     check_out(tmp_path)
+
+
+def test_replot_redraws_from_the_json_alone(tmp_path):
+    from kamal_attr import report as module
+    data = {"seeds": [3256], "runs": {"hair": {"3256": evaluation(0.0)}}, "ablations": {},
+            "bridge_rms": {}, "command": "python -m kamal_attr.report --demo --seeds 1",
+            "seconds": 6.0, "torch": "x"}
+    (tmp_path / "report.json").write_text(json.dumps(data))
+    module.main(module.get_args_parser().parse_args(["--demo", "--replot", "--out", str(tmp_path)]))
+    assert "in 0.1 min" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "accuracy.png").exists() and not (tmp_path / "ablations.png").exists()
