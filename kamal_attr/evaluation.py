@@ -15,7 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from . import KamalError
 from .celeba import IMAGENET_MEAN, IMAGENET_STD
-from .checkpoint import component_dir, load_checkpoint, load_net, saved_epoch, target_dir
+from .checkpoint import component_dir, load_net, saved_epoch, target_dir
 from .config import RunConfig
 from .engine import accuracy_per_head, predict, predict_many
 from .losses import entropy_impurity, route_by_entropy
@@ -98,13 +98,15 @@ def evaluate_task(task: Task, cfg: RunConfig, split: str = "test",
     models: dict[tuple, torch.nn.Module] = {}
     about: dict[tuple, dict[str, Any]] = {}
 
-    def add(key: tuple, path: Path, kind: str, attribute: str | None = None) -> None:
+    def add(key: tuple, path: Path, kind: str, attribute: str | None = None) -> dict[str, Any]:
+        """Load one net into ``models`` (with its size and cost in ``about``); its record."""
         net, rec = load_net(path, kind=kind, attribute=attribute,
                             image_size=None if kind == "source" else cfg.image_size)
         models[key] = torch.nn.Sequential(
             input_adapter(rec, cfg.image_size, IMAGENET_MEAN, IMAGENET_STD), net)
         about[key] = {"path": str(path), "arch": net.arch, "width": net.width,
                       "image_size": rec["image_size"], **net_cost(net, rec["image_size"])}
+        return rec
 
     if nets["target"] is not None:
         add(("target",), nets["target"], "target")
@@ -121,8 +123,8 @@ def evaluate_task(task: Task, cfg: RunConfig, split: str = "test",
             log.warning("no component net in %s",
                         component_dir(cfg.components_root, task.name, cfg.variant, attribute))
         else:
-            add(("component", attribute), path, "component", attribute)
-            learnt = set(load_checkpoint(path).get("sources", []))
+            record = add(("component", attribute), path, "component", attribute)
+            learnt = set(record.get("sources", []))
             now = {str(p) for _, p in nets["sources"][attribute] if p is not None}
             if learnt and learnt != now:
                 log.warning("component %s learnt from %s; the teachers now are %s (the pool "
@@ -190,9 +192,8 @@ def evaluate_task(task: Task, cfg: RunConfig, split: str = "test",
                                            "correct": torch.histc(c, ENTROPY_BINS, 0, math.log(2)).tolist(),
                                            "wrong": torch.histc(w, ENTROPY_BINS, 0, math.log(2)).tolist()}}
     keys = {t.name: t.key for t in task.all_teachers()}
-    order = sorted(about, key=lambda k: (("target", "component", "source").index(k[0]),
-                                         int(keys[k[1]]) if k[0] == "source" else attributes.index(k[1])
-                                         if k[0] == "component" else 0))
+    order = ([k for k in [("target",)] + [("component", a) for a in attributes] if k in about]
+             + sorted((k for k in about if k[0] == "source"), key=lambda k: int(keys[k[1]])))
     result["nets"] = {("target" if k[0] == "target" else f"{k[0]} {keys.get(k[1], k[1])}"):
                       {**about[k], **({"name": k[1]} if k[0] == "source" else {})} for k in order}
     teachers = [v for k, v in about.items() if k[0] == "source"]

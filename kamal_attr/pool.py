@@ -11,7 +11,6 @@ each serving **every** attribute it has a head for.
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,8 +19,6 @@ from . import KamalError
 from .attributes import (GROUPS, SOURCE_NETS, SourceNetSpec, check_attribute, check_group,
                          source_nets_of)
 from .checkpoint import available_epochs, epoch_file, load_checkpoint, source_dir
-
-log = logging.getLogger("kamal_attr")
 
 
 @dataclass(frozen=True)
@@ -237,14 +234,13 @@ def named_attributes(attributes: Sequence[str], name: str | None) -> tuple[tuple
     return attributes, check_task_name(name or default_name(attributes))
 
 
-def demo_teachers(attributes: Sequence[str], name: str
-                  ) -> list[tuple[SourceNetSpec, str, tuple[int, int] | None]]:
-    """The teachers the demo makes for an attribute set, as ``(spec, arch, part)``: every
+def demo_teachers(attributes: Sequence[str], name: str) -> list[tuple[SourceNetSpec, str]]:
+    """The teachers the demo makes for an attribute set, as ``(spec, arch)``: every
     net of METHOD.md's table with a head for one of them (ResNet-18 specialists, each on its
     table part of the training split), and one ResNet-34 generalist on all of them, trained
     on the whole split (so that every attribute, also one of no table net, has a teacher):
     a pool of mixed architectures."""
     wanted = set(attributes)
-    table = [(s, "resnet18", None) for s in SOURCE_NETS if wanted & set(s.attributes)]
+    table = [(s, "resnet18") for s in SOURCE_NETS if wanted & set(s.attributes)]
     mixed = SourceNetSpec("custom", 0, tuple(attributes), label=f"{name}_resnet34")
-    return table + [(mixed, "resnet34", None)]
+    return table + [(mixed, "resnet34")]

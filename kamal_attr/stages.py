@@ -347,8 +347,8 @@ def make_demo_teachers(cfg: RunConfig, group: str, attributes: Sequence[str] | N
         source_epochs=DEMO.source_epochs, source_optim=dataclasses.replace(DEMO.source_optim),
         overwrite=False, arch="resnet18")
     if attributes:
-        for spec, arch, part in demo_teachers(*named_attributes(attributes, name)):
-            train_source_net(spec, dataclasses.replace(demo_sources, arch=arch), part)
+        for spec, arch in demo_teachers(*named_attributes(attributes, name)):
+            train_source_net(spec, dataclasses.replace(demo_sources, arch=arch))
     else:
         for spec in source_nets_of(group):
             train_source_net(spec, demo_sources)
