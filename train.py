@@ -32,6 +32,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     cfg = resolve_config(args)
     demo_data_needed(cfg)  # refuses a folder it must not write to, before anything is written
+    task = None  # the demo selects it once its teachers exist
     if not cfg.demo:  # an uncovered attribute or a missing teacher stops the run here
         task = select_task(args.target_attribute, args.attributes, args.name, cfg.sources_root,
                            cfg.source_save_epoch, need_teachers=args.stage != "target")
@@ -44,7 +45,7 @@ def main(args: argparse.Namespace) -> None:
         select_task(args.target_attribute, None, args.name, cfg.sources_root, 1)  # group, --name
     start(cfg)
     ensure_data(cfg)
-    task = amalgamate(cfg, args.target_attribute, args.attributes, args.name, args.stage)
+    task = amalgamate(cfg, args.target_attribute, args.attributes, args.name, args.stage, task)
     if cfg.demo and is_main_process():
         report_task(task, cfg, json_path=cfg.log_dir / f"evaluate_{task.name}_{cfg.variant}.json")
 

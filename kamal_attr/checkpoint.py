@@ -207,13 +207,22 @@ def plan_training(out_dir: Path, epochs: int, recipe: Mapping[str, Any], overwri
     return TrainingPlan(out_dir, final, done=False)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True`` on the CPU; one clear error if it fails."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True`` on the CPU; one clear error if it fails.
+
+    ``mmap`` maps the tensors instead of reading them, for callers that want the record
+    only (the pool's scan of 22 real-size teachers would otherwise read about 1 GB). Files
+    in torch's legacy format cannot be mapped and are read whole."""
     path = Path(path)
     if not path.is_file():
         raise KamalError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not (mmap and "mmap" in str(e)):
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise KamalError(f"cannot load checkpoint {path} (weights_only): "
                          f"{str(e).splitlines()[0]}") from None

@@ -59,6 +59,12 @@ class Task:
         return folder if self.preset else folder / attribute
 
 
+def routing_list_name(teacher: str) -> str:
+    """The file name of a teacher's routing list (``--sourcedata_txtroot``): its pool name,
+    flattened (``hair/source1_Black_Hair`` -> ``hair__source1_Black_Hair.txt``)."""
+    return teacher.replace("/", "__") + ".txt"
+
+
 def preset_task(group: str, save_epoch: int, sources_root: Path) -> Task:
     """A group of METHOD.md: its component attributes and its table's source nets (epoch
     ``save_epoch``; a path may not exist yet)."""
@@ -101,7 +107,7 @@ def _candidates(root: Path, save_epoch: int) -> tuple[list[tuple[str, Path]], li
         if not chosen.exists():
             if (folder / "last.pth").exists():
                 try:
-                    last = load_checkpoint(folder / "last.pth")
+                    last = load_checkpoint(folder / "last.pth", mmap=True)
                 except KamalError as e:
                     notes.append(f"{name}: passed over, {e}")
                     continue
@@ -127,7 +133,7 @@ def discover_pool(root: Path, save_epoch: int) -> tuple[list[PoolEntry], list[st
     entries = []
     for name, path in candidates:
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, mmap=True)  # the record; weights stay on disk
         except KamalError as e:
             notes.append(f"{name}: passed over, {e}")
             continue
@@ -183,7 +189,7 @@ def pool_task(name: str, attributes: Sequence[str], root: Path, save_epoch: int,
     keys = {e.name: str(k) for k, e in enumerate(used, start=1)}
     teachers = {a: tuple(Teacher(keys[e.name], e.name, e.path) for e in used if a in e.attributes)
                 for a in attributes}
-    flat = [e.name.replace("/", "__") for e in used]
+    flat = [routing_list_name(e.name) for e in used]
     clash = sorted({n for n in flat if flat.count(n) > 1})
     if clash:
         raise KamalError(f"teachers under {root} whose routing lists would share a name "

@@ -15,6 +15,7 @@ from .distributed import broadcast, is_main_process
 from .engine import predict_many
 from .losses import entropy_impurity, route_by_entropy
 from .models import AttributeResNet
+from .pool import routing_list_name
 from .runtime import eval_loader
 
 
@@ -57,13 +58,13 @@ def compute_routing(teachers: Sequence[AttributeResNet], component: str, data: C
 
 def write_routing(folder: Path, names: Sequence[str], files: Sequence[Path],
                   weights: torch.Tensor) -> list[Path]:
-    """One list of image file names per source net (the seed's ``--sourcedata_txtroot``;
-    a pool teacher's name ``hair/source1_Black_Hair`` gives ``hair__source1_Black_Hair.txt``),
-    rewritten atomically on every run, never appended to."""
+    """One list of image file names per source net (the seed's ``--sourcedata_txtroot``,
+    named by :func:`~kamal_attr.pool.routing_list_name`), rewritten atomically on every
+    run, never appended to."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for i, name in enumerate(names):
-        path = folder / f"{name.replace('/', '__')}.txt"
+        path = folder / routing_list_name(name)
         chosen = [files[n].name for n in torch.nonzero(weights[:, i] > 0).squeeze(1).tolist()]
         tmp = path.with_suffix(".txt.tmp")
         tmp.write_text("".join(name + "\n" for name in chosen))

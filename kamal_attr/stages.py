@@ -355,14 +355,16 @@ def make_demo_teachers(cfg: RunConfig, group: str, attributes: Sequence[str] | N
 
 
 def amalgamate(cfg: RunConfig, group: str, attributes: Sequence[str] | None = None,
-               name: str | None = None, stage: str = "all") -> Task:
+               name: str | None = None, stage: str = "all", task: Task | None = None) -> Task:
     """What ``train.py`` does after its checks: in the demo, make the missing teachers; then
     stage 1 (every component of the task) and stage 2 (its target), as ``stage`` says.
-    Returns the task (a preset ``group``, or ``attributes`` taught by the pool)."""
+    Returns the task (a preset ``group``, or ``attributes`` taught by the pool); a ``task``
+    the caller has already selected and checked is used as it is (no second pool scan)."""
     if cfg.demo:
         make_demo_teachers(cfg, group, attributes, name)
-    task = select_task(group, attributes, name, cfg.sources_root, cfg.source_save_epoch,
-                       need_teachers=stage != "target")
+    if task is None:
+        task = select_task(group, attributes, name, cfg.sources_root, cfg.source_save_epoch,
+                           need_teachers=stage != "target")
     data = TaskData(task, cfg)  # decoded once, shared by the components and the target
     if stage in ("component", "all"):
         for attribute in task.attributes:

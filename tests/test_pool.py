@@ -34,6 +34,9 @@ def test_pool_finds_source_nets_at_any_depth_and_passes_over_the_rest(tmp_path):
     save_source(tmp_path / "a/deep/r18/epoch_002.pth", ["Male", "Smiling"], epoch=2, epochs=2)
     save_source(tmp_path / "r34/epoch_003.pth", ["Smiling"], "resnet34", epoch=3, epochs=3)
     save_source(tmp_path / "downloaded.pth", ["Bangs"], "resnet50")
+    # torch's legacy (non-zip) format cannot be memory-mapped: the scan reads it whole
+    torch.save(load_checkpoint(tmp_path / "downloaded.pth"), tmp_path / "downloaded.pth",
+               _use_new_zipfile_serialization=False)
     save_source(tmp_path / "busy/epoch_002.pth", ["Young"], epoch=2, epochs=5)  # still training
     atomic_save(load_checkpoint(tmp_path / "busy/epoch_002.pth"), tmp_path / "busy/last.pth")
     component = AttributeResNet(["Male"], 4)

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from kamal_attr import KamalError
-from kamal_attr.report import check_out, figures, margins, summarise, write_markdown
+from kamal_attr.report import check_out, explain, figures, margins, shortfalls, summarise, write_markdown
 
 
 def evaluation(offset: float) -> dict:
@@ -33,6 +33,25 @@ def test_margins_and_the_verdict_name_the_smallest_margin():
     assert "component ≥ its min-entropy choice − 0.5: **4/4**" in text
 
 
+def test_a_missed_margin_is_explained_by_the_method_or_by_fitting():
+    test = {"best_source": 0.86, "min_entropy": 0.85, "component": 0.81, "target": 0.76}
+    under = {"best_source": 0.87, "min_entropy": 0.87, "component": 0.83, "target": 0.81}
+    why = explain(test, under)
+    assert why[0] == ("the component is -5.00 vs the best teacher, whom its min-entropy choice "
+                      "already trails by -1.00 (the method's limit)")
+    assert why[1] == ("the component is -4.00 vs its min-entropy choice, and -4.00 on the "
+                      "training images it learnt from: under-fitting")
+    assert why[2].startswith("the target is -5.00 vs its component, and -2.00")
+    fits = {"best_source": 0.87, "min_entropy": 0.87, "component": 0.87, "target": 0.87}
+    assert [w.split(": ")[-1] for w in explain(test, fits)[1:]] == ["it generalises worse"] * 2
+    assert explain({"best_source": 0.9, "min_entropy": 0.91, "component": 0.907, "target": 0.9}, None) == []
+    run = evaluation(0.0)
+    run["train_split"] = {"Bangs": run["attributes"]["Bangs"]}
+    lines = shortfalls({"hair": {"3256": run}})
+    assert lines == ["- hair Bangs, seed 3256: the target is -1.50 vs its component, and -1.50 "
+                     "on the training images it learnt from: under-fitting."]
+
+
 def test_markdown_and_figures_are_written(tmp_path):
     runs = {"hair": {"3256": evaluation(0.0), "3257": evaluation(0.005)}}
     report = {"seeds": [3256, 3257], "runs": runs, "command": "python -m kamal_attr.report --demo",
@@ -47,6 +66,7 @@ def test_markdown_and_figures_are_written(tmp_path):
     text = write_markdown(report, pictures, tmp_path).read_text()
     assert "| Black_Hair | 90.00 ± 0.00 | 92.00 ± 0.00 | 91.75 ± 0.25 | 91.25 ± 0.25 |" in text
     assert "| average |" in text and "- without penalty: 1.000 -> 0.100" in text
+    assert "## Where and why not" in text and "- hair Bangs, seed 3256: the target is -1.50" in text
 
 
 def test_a_folder_with_someone_elses_report_is_refused(tmp_path):
