@@ -4,7 +4,7 @@ protocol: one line per target of issue 9, measured in one run.
     python -m kamal_attr.benchmark                   # CPU: demo sizes, under a minute
     python -m kamal_attr.benchmark --device cuda     # GPU: 224 px, real-data widths
 
-Measured, at the demo's sizes (64 px, width 16, target 24, batch 64) or the real-data
+Measured, at the demo's sizes (64 px, width 16, target 24; batch 64, the real preset's) or the real-data
 preset's (224 px, width 64, target 90) with ``--real_sizes`` (the default on CUDA):
 
 - every stage's training step on random images (``forward_train`` + backward + fused
