@@ -45,7 +45,7 @@ def main(args: argparse.Namespace) -> None:
         select_task(args.target_attribute, None, args.name, cfg.sources_root, 1)  # group, --name
     start(cfg)
     ensure_data(cfg)
-    task = amalgamate(cfg, args.target_attribute, args.attributes, args.name, args.stage, task)
+    task = amalgamate(cfg, args.target_attribute, args.attributes, args.name, args.stage, task=task)
     if cfg.demo and is_main_process():
         report_task(task, cfg, json_path=cfg.log_dir / f"evaluate_{task.name}_{cfg.variant}.json")
 

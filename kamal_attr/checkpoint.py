@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -211,18 +212,16 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True`` on the CPU; one clear error if it fails.
 
     ``mmap`` maps the tensors instead of reading them, for callers that want the record
-    only (the pool's scan of 22 real-size teachers would otherwise read about 1 GB). Files
-    in torch's legacy format cannot be mapped and are read whole."""
+    only (the pool's scan of 22 real-size teachers would otherwise read about 1 GB); files
+    in torch's legacy (non-zip) format cannot be mapped and are read whole. Mapped tensors
+    keep the file open, so a record that outlives a rewrite of its file (resuming) is read
+    whole."""
     path = Path(path)
     if not path.is_file():
         raise KamalError(f"checkpoint {path} does not exist")
     try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as e:
-            if not (mmap and "mmap" in str(e)):
-                raise
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True,
+                          mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:
         raise KamalError(f"cannot load checkpoint {path} (weights_only): "
                          f"{str(e).splitlines()[0]}") from None

@@ -181,7 +181,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                         "(resnet18-*.pth...; default weights/resnet/)")
     g = p.add_argument_group("run")
     g.add_argument("--image_size", type=IMAGE_SIZE, help="input size, >= 32 (224; demo 64)")
-    g.add_argument("--batch_size", type=BATCH_SIZE, help="batch size, >= 2 (64; demo 32, its teachers 16)")
+    g.add_argument("--batch_size", type=BATCH_SIZE,
+                   help=f"batch size, >= 2 ({REAL.batch_size}; demo {DEMO.batch_size} in train.py, "
+                        f"{DEMO.source_batch_size} in train_sourcenet.py)")
     g.add_argument("--workers", type=WORKERS,
                    help="DataLoader workers (default: the cores, shared by torchrun's processes; demo 0)")
     g.add_argument("--cache_dir", help="decoded-image caches (default data/cache/, keyed by the "

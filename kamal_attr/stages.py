@@ -358,8 +358,11 @@ def amalgamate(cfg: RunConfig, group: str, attributes: Sequence[str] | None = No
                name: str | None = None, stage: str = "all", task: Task | None = None) -> Task:
     """What ``train.py`` does after its checks: in the demo, make the missing teachers; then
     stage 1 (every component of the task) and stage 2 (its target), as ``stage`` says.
-    Returns the task (a preset ``group``, or ``attributes`` taught by the pool); a ``task``
-    the caller has already selected and checked is used as it is (no second pool scan)."""
+    Returns the task (a preset ``group``, or ``attributes`` taught by the pool). Outside the
+    demo, a ``task`` the caller has already selected and checked is used as it is (one pool
+    scan); the demo selects its task once the missing teachers are made."""
+    if cfg.demo and task is not None:
+        raise ValueError("the demo selects its task after making its teachers: pass no task")
     if cfg.demo:
         make_demo_teachers(cfg, group, attributes, name)
     if task is None:

@@ -37,19 +37,24 @@ def test_a_missed_margin_is_explained_by_the_method_or_by_fitting():
     test = {"best_source": 0.86, "min_entropy": 0.85, "component": 0.81, "target": 0.76}
     under = {"best_source": 0.87, "min_entropy": 0.87, "component": 0.83, "target": 0.81}
     why = explain(test, under)
-    assert why[0] == ("the component is -5.00 vs the best teacher, whom its min-entropy choice "
-                      "already trails by -1.00 (the method's limit)")
-    assert why[1] == ("the component is -4.00 vs its min-entropy choice, and -4.00 on the "
-                      "training images it learnt from: under-fitting")
-    assert why[2].startswith("the target is -5.00 vs its component, and -2.00")
+    assert why[0] == ("the component is -5.00 vs the best teacher: its min-entropy choice -1.00 "
+                      "vs that teacher (the method's limit), the component -4.00 vs its choice")
+    assert why[1] == ("the component is -4.00 vs its min-entropy choice: -4.00 already on the "
+                      "training images it learnt from (under-fitting), +0.00 more on unseen images")
+    assert why[2] == ("the target is -5.00 vs its component: -2.00 already on the training images "
+                      "it learnt from (under-fitting), -3.00 more on unseen images")
     fits = {"best_source": 0.87, "min_entropy": 0.87, "component": 0.87, "target": 0.87}
     assert [w.split(": ")[-1] for w in explain(test, fits)[1:]] == ["it generalises worse"] * 2
+    # both steps within their tolerance, the sum beyond it: the split still names them
+    small = {"best_source": 0.90, "min_entropy": 0.896, "component": 0.893, "target": 0.893}
+    assert explain(small, None) == ["the component is -0.70 vs the best teacher: its min-entropy "
+                                    "choice -0.40 vs that teacher, the component -0.30 vs its choice"]
     assert explain({"best_source": 0.9, "min_entropy": 0.91, "component": 0.907, "target": 0.9}, None) == []
     run = evaluation(0.0)
     run["train_split"] = {"Bangs": run["attributes"]["Bangs"]}
     lines = shortfalls({"hair": {"3256": run}})
-    assert lines == ["- hair Bangs, seed 3256: the target is -1.50 vs its component, and -1.50 "
-                     "on the training images it learnt from: under-fitting."]
+    assert lines == ["- hair Bangs, seed 3256: the target is -1.50 vs its component: -1.50 already "
+                     "on the training images it learnt from (under-fitting), +0.00 more on unseen images."]
 
 
 def test_markdown_and_figures_are_written(tmp_path):
