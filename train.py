@@ -1,6 +1,6 @@
 """Adaptive knowledge amalgamation: source nets -> component nets -> target net.
 
-    python train.py --target_attribute hair --demo      # the whole CPU demo, ~4 min on 2 cores
+    python train.py --target_attribute hair --demo      # the whole CPU demo, ~7 min on 2 cores
     python train.py --target_attribute eye --stage component
     python train.py --attributes Black_Hair Smiling Male --name bsm   # teachers from the pool
 

@@ -121,9 +121,10 @@ def explain(test: dict[str, float], train: dict[str, float] | None) -> list[str]
     if not held(m["component_vs_best"], "component_vs_best"):
         choice = 100 * (test["min_entropy"] - test["best_source"])
         limit = " (the method's limit)" if not held(choice, "component_vs_best") else ""
+        rest = ("" if not held(m["component_vs_min_entropy"], "component_vs_min_entropy")
+                else f", the component {m['component_vs_min_entropy']:+.2f} vs its choice")  # else: next line
         why.append(f"the component is {m['component_vs_best']:+.2f} vs the best teacher: its "
-                   f"min-entropy choice {choice:+.2f} vs that teacher{limit}, the component "
-                   f"{m['component_vs_min_entropy']:+.2f} vs its choice")
+                   f"min-entropy choice {choice:+.2f} vs that teacher{limit}{rest}")
     fit = margins({"attributes": {"a": train}})["a"] if train is not None else None
     for key, who, signal in (("component_vs_min_entropy", "component", "its min-entropy choice"),
                              ("target_vs_component", "target", "its component")):

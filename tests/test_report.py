@@ -38,7 +38,7 @@ def test_a_missed_margin_is_explained_by_the_method_or_by_fitting():
     under = {"best_source": 0.87, "min_entropy": 0.87, "component": 0.83, "target": 0.81}
     why = explain(test, under)
     assert why[0] == ("the component is -5.00 vs the best teacher: its min-entropy choice -1.00 "
-                      "vs that teacher (the method's limit), the component -4.00 vs its choice")
+                      "vs that teacher (the method's limit)")  # the rest: the next line
     assert why[1] == ("the component is -4.00 vs its min-entropy choice: -4.00 already on the "
                       "training images it learnt from (under-fitting), +0.00 more on unseen images")
     assert why[2] == ("the target is -5.00 vs its component: -2.00 already on the training images "
