@@ -87,16 +87,18 @@ def bridge_curves(cfg: Any, group: str) -> dict[str, list[float]]:
     return curves
 
 
+def row_margins(r: dict[str, float]) -> dict[str, float]:
+    """One attribute's row, in points: component − min-entropy choice, component − best
+    teacher, target − component, target − best teacher."""
+    return {"component_vs_min_entropy": 100 * (r["component"] - r["min_entropy"]),
+            "component_vs_best": 100 * (r["component"] - r["best_source"]),
+            "target_vs_component": 100 * (r["target"] - r["component"]),
+            "target_vs_best": 100 * (r["target"] - r["best_source"])}
+
+
 def margins(result: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Per attribute, in points: component − min-entropy choice, component − best teacher,
-    target − component, target − best teacher."""
-    out = {}
-    for attribute, r in result["attributes"].items():
-        out[attribute] = {"component_vs_min_entropy": 100 * (r["component"] - r["min_entropy"]),
-                          "component_vs_best": 100 * (r["component"] - r["best_source"]),
-                          "target_vs_component": 100 * (r["target"] - r["component"]),
-                          "target_vs_best": 100 * (r["target"] - r["best_source"])}
-    return out
+    """:func:`row_margins` of every attribute of an evaluation."""
+    return {attribute: row_margins(r) for attribute, r in result["attributes"].items()}
 
 
 def held(points: float, key: str) -> bool:
@@ -116,7 +118,7 @@ def explain(test: dict[str, float], train: dict[str, float] | None) -> list[str]
     component) is *under-fitting* where it misses the margin on the training images too,
     plus what it loses from those to unseen images; where it holds there, it generalises worse.
     """
-    m = margins({"attributes": {"a": test}})["a"]
+    m = row_margins(test)
     why = []
     if not held(m["component_vs_best"], "component_vs_best"):
         choice = 100 * (test["min_entropy"] - test["best_source"])
@@ -125,7 +127,7 @@ def explain(test: dict[str, float], train: dict[str, float] | None) -> list[str]
                 else f", the component {m['component_vs_min_entropy']:+.2f} vs its choice")  # else: next line
         why.append(f"the component is {m['component_vs_best']:+.2f} vs the best teacher: its "
                    f"min-entropy choice {choice:+.2f} vs that teacher{limit}{rest}")
-    fit = margins({"attributes": {"a": train}})["a"] if train is not None else None
+    fit = row_margins(train) if train is not None else None
     for key, who, signal in (("component_vs_min_entropy", "component", "its min-entropy choice"),
                              ("target_vs_component", "target", "its component")):
         if held(m[key], key):
