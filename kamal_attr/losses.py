@@ -7,15 +7,18 @@
 - :func:`unit_norm_penalty` - mean_j (||w_j||^2 - 1)^2 over a bridge's output filters, the
   anti-collapse term on the source-side bridges;
 - :func:`per_sample_mse` - MSE averaged over all but the batch dimension, so losses can
-  be weighted per image by the routing.
+  be weighted per image by the routing;
+- :func:`bridged_mse` - the feature loss of a tap, ``MSE(C f + c, S g + s)`` per source net
+  over the images routed to it, in fewer passes than autograd takes for the same arithmetic.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def entropy_impurity(logits: torch.Tensor) -> torch.Tensor:
@@ -70,3 +73,92 @@ def unit_norm_penalty(bridge: TransferBridge) -> torch.Tensor:
     """
     terms = [(conv.weight.flatten(1).pow(2).sum(dim=1) - 1).pow(2).mean() for conv in bridge.convs]
     return torch.stack(terms).sum()
+
+
+#: One term of :func:`bridged_mse`: the student-side bridge conv of the tap, the teacher's
+#: features at the tap (None when no image of the batch is routed to it) and the
+#: teacher-side bridge conv (None where the features are the target as they are: stage 2).
+BridgeTerm = tuple[nn.Conv2d, Optional[torch.Tensor], Optional[nn.Conv2d]]
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B*H*W, C)``: a view of channels-last features (else a copy)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+class _BridgedMSE(torch.autograd.Function):
+    """The arithmetic of ``F.mse_loss(F.linear(f, W, b), F.linear(g, V, c))`` per block of
+    rows, with the gradients autograd derives for it (``addmm``, then ``mse_loss``)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, features: torch.Tensor, counts: list[int], *flat: Optional[torch.Tensor]):
+        f = _rows(features)
+        pixels = f.shape[0] // max(features.shape[0], 1)
+        losses, saved, blocks, start = [], [], [], 0
+        for n, (w, b, g, v, c) in zip(counts, (flat[k:k + 5] for k in range(0, len(flat), 5))):
+            if n == 0:
+                losses.append(f.new_zeros(()))
+                blocks.append(None)
+                continue
+            rows = slice(start, start + n * pixels)
+            start = rows.stop
+            g = _rows(g)
+            residual = torch.addmm(b, f[rows], w.t())
+            residual.sub_(g if v is None else torch.addmm(c, g, v.t()))
+            flat_residual = residual.view(-1)
+            losses.append(torch.dot(flat_residual, flat_residual) / residual.numel())
+            blocks.append((rows, v is not None))
+            saved += [residual, g, w]
+        ctx.blocks, ctx.shape = blocks, features.shape
+        ctx.save_for_backward(f, *saved)
+        return torch.stack(losses)
+
+    @staticmethod
+    @once_differentiable
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad: torch.Tensor):
+        f, *saved = ctx.saved_tensors
+        grad_f = torch.empty_like(f) if ctx.needs_input_grad[0] else None
+        grads: list[Optional[torch.Tensor]] = []
+        for i, block in enumerate(ctx.blocks):
+            if block is None:
+                grads += [None] * 5
+                continue
+            (rows, bridged), (residual, g, w) = block, saved[:3]
+            saved = saved[3:]
+            # mse_loss's backward, 2/N (a - b) grad, on the residual kept from the forward
+            d = residual.mul_(grad[i] * (2.0 / residual.numel()))
+            if grad_f is not None:
+                torch.mm(d, w, out=grad_f[rows])
+            grad_w, grad_b = torch.mm(d.t(), f[rows]), d.sum(0)
+            grads += [grad_w, grad_b, None] + (
+                [torch.mm(d.t(), g).neg_(), grad_b.neg()] if bridged else [None, None])
+        if grad_f is not None:
+            b, c, h, w = ctx.shape
+            grad_f = grad_f.view(b, h, w, c).permute(0, 3, 1, 2)
+        return (grad_f, None, *grads)
+
+
+def bridged_mse(features: torch.Tensor, counts: Sequence[int],
+                terms: Sequence[BridgeTerm]) -> torch.Tensor:
+    """Per term i, ``MSE(C_i f_i + c_i, S_i g_i + s_i)`` (or ``MSE(C_i f_i + c_i, g_i)``
+    without a teacher-side conv), where f_i are the next ``counts[i]`` images of the
+    student's tap ``features`` ``(B, C, H, W)`` and C_i, S_i 1x1 convolutions. Returns the
+    ``len(terms)`` losses (0 for an empty block, whose convs then get no gradient).
+
+    The same kernels in the same order as ``F.mse_loss`` of the bridges' outputs, so the
+    gradients are bitwise autograd's (``tests/test_losses.py``), in fewer passes over the
+    step's largest tensors: the residual ``a - b`` is formed once and becomes the
+    backward's ``2 (a - b) / N`` in place (``mse_loss``'s backward reads ``a`` and ``b``
+    again), and each block's gradient is written into its rows of one tensor (a split's
+    backward concatenates). Under CUDA autocast it runs in float32, as ``mse_loss`` does.
+    """
+    if sum(counts) != features.shape[0] or len(counts) != len(terms):
+        raise ValueError("bridged_mse needs one count per term, summing to the batch size")
+    flat: list[Optional[torch.Tensor]] = []
+    for conv, target, target_conv in terms:
+        flat += [conv.weight.flatten(1), conv.bias, target,
+                 None if target_conv is None else target_conv.weight.flatten(1),
+                 None if target_conv is None else target_conv.bias]
+    return _BridgedMSE.apply(features, list(counts), *flat)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import TransferBridge, per_sample_mse, unit_norm_penalty
+from .losses import TransferBridge, bridged_mse, per_sample_mse, unit_norm_penalty
 from .models import TAP_LAYERS, AttributeResNet, FeatureTaps, fold_batchnorm
 
 #: Learning-rate factor of the bridges at each tap, relative to the net's (METHOD.md:
@@ -154,40 +154,55 @@ class SelectiveAmalgamation(Method):
             images = images[order.to(images.device, non_blocking=True)]
         z_student = self.student(images)[:, 0]
         f_student = self.student_taps.features()
+        losses = (self._routed_losses(images, counts, z_student, f_student) if counts else
+                  self._weighted_losses(images, rows, z_student, f_student))
+        if self.feature_loss and self.penalty:
+            losses["penalty"] = torch.stack([unit_norm_penalty(br) for br in self.source_bridges]).sum()
+        return losses
 
-        def chunks(x: torch.Tensor) -> Sequence[torch.Tensor]:
-            return x.split(counts) if counts else [x] * len(self.teachers)
+    def _routed_losses(self, images: torch.Tensor, counts: list[int], z_student: torch.Tensor,
+                       f_student: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One-hot routing: source net i runs on its chunk of the sorted batch only, and each
+        tap's terms ``MSE(C_i f, S_i F_i)`` (the plain MSE over the chunk) come from one
+        :func:`~kamal_attr.losses.bridged_mse`."""
+        losses = {"logit": images.new_zeros(())}
+        taught: list[list[torch.Tensor] | None] = []  # each source net's taps, None if idle
+        for i, (teacher, x, z) in enumerate(zip(self.teachers, images.split(counts),
+                                                 z_student.split(counts))):
+            if x.shape[0] == 0:
+                taught.append(None)
+                continue
+            with torch.no_grad():
+                z_teacher = teacher(self.teacher_inputs[i](x))[:, self.heads[i]]
+                taught.append(self.teacher_taps[i].features())
+            losses["logit"] = losses["logit"] + F.mse_loss(z, z_teacher)
+        if self.feature_loss:
+            for b, tap in enumerate(TAP_LAYERS):
+                terms = [(component.convs[b], None if f is None else f[b], source.convs[b])
+                         for component, source, f in zip(self.component_bridges,
+                                                         self.source_bridges, taught)]
+                losses[f"feature/{tap}"] = bridged_mse(f_student[b], counts, terms).sum()
+        return losses
 
-        # averaging: each teacher's weights over their sum (its term a weighted mean, on the
-        # same scale as a one-hot teacher's)
-        weights = None if counts else (rows / rows.sum(0).clamp_min(1e-12)).to(
-            images.device, non_blocking=True)
-
-        def distill(i: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            """Teacher i's term: ``sum_x w_xi MSE_x / sum_x w_xi`` over the images it teaches."""
-            if counts:  # one-hot: the plain MSE over its chunk
-                return F.mse_loss(a, b)
-            return (weights[:, i] * per_sample_mse(a, b)).sum()
-        image_chunks, logit_chunks = chunks(images), chunks(z_student)
-        feature_chunks = list(zip(*(chunks(f) for f in f_student)))  # per teacher, per tap
+    def _weighted_losses(self, images: torch.Tensor, rows: torch.Tensor, z_student: torch.Tensor,
+                         f_student: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weighted routing (averaging): every source net sees the whole batch; its term is
+        ``sum_x w_xi MSE_x / sum_x w_xi``, on the same scale as a one-hot source net's."""
+        weights = (rows / rows.sum(0).clamp_min(1e-12)).to(images.device, non_blocking=True)
         losses = {"logit": images.new_zeros(())}
         if self.feature_loss:
             losses.update({f"feature/{tap}": images.new_zeros(()) for tap in TAP_LAYERS})
         for i, teacher in enumerate(self.teachers):
-            x, z, f = image_chunks[i], logit_chunks[i], feature_chunks[i]
-            if x.shape[0] == 0:
-                continue
             with torch.no_grad():
-                z_teacher = teacher(self.teacher_inputs[i](x))[:, self.heads[i]]
+                z_teacher = teacher(self.teacher_inputs[i](images))[:, self.heads[i]]
                 f_teacher = self.teacher_taps[i].features()
-            losses["logit"] = losses["logit"] + distill(i, z, z_teacher)
+            losses["logit"] = losses["logit"] + (weights[:, i] * per_sample_mse(z_student, z_teacher)).sum()
             if self.feature_loss:
                 source_side = self.source_bridges[i](f_teacher)
-                component_side = self.component_bridges[i](f)
+                component_side = self.component_bridges[i](f_student)
                 for tap, c, s in zip(TAP_LAYERS, component_side, source_side):
-                    losses[f"feature/{tap}"] = losses[f"feature/{tap}"] + distill(i, c, s)
-        if self.feature_loss and self.penalty:
-            losses["penalty"] = torch.stack([unit_norm_penalty(br) for br in self.source_bridges]).sum()
+                    losses[f"feature/{tap}"] = losses[f"feature/{tap}"] + (
+                        weights[:, i] * per_sample_mse(c, s)).sum()
         return losses
 
     @torch.no_grad()
@@ -246,7 +261,7 @@ class TargetAmalgamation(Method):
                 f_component = self.teacher_taps[j].features()
             losses[f"logit/{attribute}"] = F.mse_loss(z_target[:, j], z_component)
             if self.feature_loss:
-                mapped = self.bridges[j](f_target)
-                for tap, m, f in zip(TAP_LAYERS, mapped, f_component):
-                    losses[f"feature/{attribute}/{tap}"] = F.mse_loss(m, f)
+                for tap, f, conv, g in zip(TAP_LAYERS, f_target, self.bridges[j].convs, f_component):
+                    losses[f"feature/{attribute}/{tap}"] = bridged_mse(
+                        f, [f.shape[0]], [(conv, g, None)])[0]
         return losses

@@ -3,8 +3,10 @@ import math
 import pytest
 import torch
 
-from kamal_attr.losses import (TransferBridge, entropy_impurity, per_sample_mse, route_by_entropy,
-                               unit_norm_penalty)
+import torch.nn.functional as F
+
+from kamal_attr.losses import (TransferBridge, bridged_mse, entropy_impurity, per_sample_mse,
+                               route_by_entropy, unit_norm_penalty)
 
 
 def test_entropy_impurity_hand_computed():
@@ -53,3 +55,70 @@ def test_per_sample_mse():
     a, b = torch.zeros(2, 3, 2), torch.ones(2, 3, 2)
     b[1] *= 3
     assert per_sample_mse(a, b).tolist() == [1.0, 9.0]
+
+
+def _bridge(conv, x):
+    """A bridge as TransferBridge applies it (one GEMM over channels-last features)."""
+    return F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_bridged_mse_gives_autograds_gradients_bitwise(channels_last):
+    """bridged_mse is an implementation detail of the feature loss: on channels-last
+    features (as training holds them) the gradients are exactly those of mse_loss over the
+    bridges' outputs, chunk by chunk (the formulation it replaced), so that it changes no
+    result of the demo or the report; on other layouts F.linear takes another kernel and
+    only rounding differs. An empty block's convs get no gradient (the optimiser then skips
+    them, as before)."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    features = torch.randn(6, 5, 4, 3).contiguous(memory_format=fmt).requires_grad_()
+    counts = [2, 0, 4]
+    student_side = [torch.nn.Conv2d(5, 3, 1) for _ in counts]
+    teacher_side = [torch.nn.Conv2d(7, 3, 1) for _ in counts]
+    targets = [torch.randn(n, 7, 4, 3).contiguous(memory_format=fmt) if n else None for n in counts]
+    losses = bridged_mse(features, counts, list(zip(student_side, targets, teacher_side)))
+    (losses.sum() * 1.0).backward()
+    fused = [features.grad] + [p.grad for c in student_side + teacher_side for p in c.parameters()]
+    expected = []
+    for conv in student_side + teacher_side:
+        conv.zero_grad(set_to_none=True)
+    features.grad = None
+    reference = sum(F.mse_loss(_bridge(c, f), _bridge(t, g))
+                    for c, t, f, g in zip(student_side, teacher_side, features.split(counts), targets)
+                    if g is not None)
+    reference.backward()
+    expected = [features.grad] + [p.grad for c in student_side + teacher_side for p in c.parameters()]
+    assert losses[1] == 0 and losses.sum().item() == pytest.approx(reference.item(), rel=1e-6)
+    same = torch.equal if channels_last else (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-7))
+    for got, want in zip(fused, expected):
+        assert (got is None) == (want is None)
+        assert got is None or same(got, want)
+    assert student_side[1].weight.grad is None and teacher_side[1].bias.grad is None
+
+
+def test_bridged_mse_against_plain_targets_and_bad_counts():
+    """Stage 2: the component's features are the target as they are (no teacher-side conv)."""
+    torch.manual_seed(1)
+    features = torch.randn(3, 4, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    conv, target = torch.nn.Conv2d(4, 6, 1), torch.randn(3, 6, 5, 5)
+    loss = bridged_mse(features, [3], [(conv, target, None)])
+    loss.sum().backward()
+    fused = (features.grad, conv.weight.grad, conv.bias.grad)
+    features.grad = conv.weight.grad = conv.bias.grad = None
+    reference = F.mse_loss(_bridge(conv, features), target)
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(fused, (features.grad, conv.weight.grad, conv.bias.grad)))
+    with pytest.raises(ValueError, match="one count per term"):
+        bridged_mse(features, [2], [(conv, target, None)])
+
+
+def test_bridged_mse_backpropagates_once():
+    """The residual becomes the gradient in place, so a second backward through the same
+    graph is refused (autograd's version check), never silently wrong."""
+    features = torch.randn(2, 3, 2, 2).requires_grad_()
+    loss = bridged_mse(features, [2], [(torch.nn.Conv2d(3, 2, 1), torch.randn(2, 2, 2, 2), None)])
+    loss.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.sum().backward()
