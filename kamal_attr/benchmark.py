@@ -9,9 +9,11 @@ preset's (224 px, width 64, target 90) with ``--real_sizes`` (the default on CUD
 
 - every stage's training step on random images (``forward_train`` + backward + fused
   optimiser, as :func:`kamal_attr.engine.train_one_epoch` runs it: channels-last, bf16
-  autocast on CUDA), and a plain supervised step of the same student for the ratios of
-  target 4. Steps are timed in interleaved rounds and the median taken, so that a
-  machine's drift between measurements does not enter a ratio;
+  autocast on CUDA), a plain supervised step of the same student for the ratios of
+  target 4, and both amalgamation stages without their feature loss, which splits a
+  stage's cost into its teachers' forward passes and its feature loss. Steps are timed in
+  interleaved rounds and the median taken, so that a machine's drift between
+  measurements does not enter a ratio;
 - the training loader (:func:`kamal_attr.runtime.train_loader`) over a freshly drawn
   synthetic dataset at CelebA's 178x218, reading the decoded-image cache (and the JPEGs,
   for comparison);
@@ -91,34 +93,56 @@ def steps_per_second(steps: dict[str, Callable[[], None]], device: torch.device,
 
 def stage_methods(width: int, target_width: int, batch: int) -> dict[str, Callable[[], Method]]:
     """Fresh methods (random weights) shaped like the hair group's nets: the plain steps of
-    target 4's ratios and the three stages (stage 1 with Brown_Hair's 3 source nets,
-    stage 2 with the 4 components)."""
+    target 4's ratios, the three stages (stage 1 with Brown_Hair's 3 source nets, stage 2
+    with the 4 components) and the two amalgamation stages without their feature loss,
+    which split a stage's cost into its teachers' forward passes and its feature loss."""
     brown = source_nets_of("hair", "Brown_Hair")
     routing = torch.nn.functional.one_hot(torch.randint(0, len(brown), (batch,)), len(brown))
     hair = GROUPS["hair"]
+
+    def stage1(feature_loss: bool = True) -> Method:
+        return SelectiveAmalgamation(AttributeResNet(["Brown_Hair"], width),
+                                     [AttributeResNet(s.attributes, width) for s in brown],
+                                     "Brown_Hair", routing, feature_loss=feature_loss)
+
+    def stage2(feature_loss: bool = True) -> Method:
+        return TargetAmalgamation(AttributeResNet(hair, target_width),
+                                  [AttributeResNet([a], width) for a in hair], feature_loss)
     return {
         "plain student": lambda: SourceTraining(AttributeResNet(["Brown_Hair"], width)),
-        "stage 1": lambda: SelectiveAmalgamation(
-            AttributeResNet(["Brown_Hair"], width),
-            [AttributeResNet(s.attributes, width) for s in brown], "Brown_Hair", routing),
+        "stage 1": stage1,
+        "stage 1, logits only": lambda: stage1(feature_loss=False),
         "plain target": lambda: SourceTraining(AttributeResNet(hair, target_width)),
-        "stage 2": lambda: TargetAmalgamation(AttributeResNet(hair, target_width),
-                                              [AttributeResNet([a], width) for a in hair]),
+        "stage 2": stage2,
+        "stage 2, logits only": lambda: stage2(feature_loss=False),
         "source net": lambda: SourceTraining(AttributeResNet(brown[1].attributes, width)),
     }
 
 
 def measure_steps(device: torch.device, image_size: int, width: int, target_width: int,
                   batch: int, bf16: bool, rounds: int, per_round: int) -> dict[str, float]:
-    """Median img/s of each step of :func:`stage_methods` and the two ratios of target 4."""
+    """Median img/s of each step of :func:`stage_methods`, and each amalgamation step's
+    ratio to the plain step of its student (target 4), with and without its feature loss."""
     torch.manual_seed(0)
     steps = {name: build_step(make(), device, image_size, batch, bf16)
              for name, make in stage_methods(width, target_width, batch).items()}
     rates = steps_per_second(steps, device, batch, rounds, per_round)
     out = {name: statistics.median(r) for name, r in rates.items()}
     for stage, plain in (("stage 1", "plain student"), ("stage 2", "plain target")):
-        out[f"{stage} ratio"] = statistics.median(s / p for s, p in zip(rates[stage], rates[plain]))
+        for step in (stage, f"{stage}, logits only"):
+            out[f"{step} ratio"] = statistics.median(s / p for s, p in zip(rates[step], rates[plain]))
     return out
+
+
+def cost_split(steps: dict[str, float], stage: str, threshold: float) -> str:
+    """A stage step's time in plain steps of its student: 1 (the student's own forward and
+    backward) + its teachers' forward passes + its feature loss, and what target 4 allows
+    beyond the 1: ``1/ratio - 1`` at the threshold."""
+    full, logits = steps[f"{stage} ratio"], steps[f"{stage}, logits only ratio"]
+    teachers = "3 source nets" if stage == "stage 1" else "4 component nets"
+    return (f"{stage} step = 1 + {1 / logits - 1:.2f} ({teachers}' forward) + "
+            f"{1 / full - 1 / logits:.2f} (feature loss) plain steps; "
+            f"target 4 allows 1 + {1 / threshold - 1:.2f}")
 
 
 def loader_rate(cfg: RunConfig, use_cache: bool, batches: int) -> float:
@@ -181,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({args.rounds} interleaved rounds, median):")
     steps = measure_steps(device, size, width, target_width, batch, bf16, args.rounds,
                           per_round=5 if demo else 2)
-    for k in ("source net", "plain student", "stage 1", "plain target", "stage 2"):
-        print(f"  {k:14s} {steps[k]:8.0f} img/s")
+    for k in ("source net", "plain student", "stage 1", "stage 1, logits only", "plain target",
+              "stage 2", "stage 2, logits only"):
+        print(f"  {k:20s} {steps[k]:8.0f} img/s")
 
     with tempfile.TemporaryDirectory() as tmp:
         root = generate(Path(tmp) / "celeba", num_images=args.images, seed=0)
@@ -222,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'target':46s} {'figure':>8s}  {'threshold':12s} result")
     for row in rows:
         print(f"{row[0]:46s} {row[1]:>8s}  {row[2]:12s} {row[3]}")
+    for stage, threshold in RATIO_TARGETS.items():
+        print(cost_split(steps, stage, threshold))
     if short:
         print(f"short of target 4 on the CPU: {', '.join(short)}", file=sys.stderr)
         return 1

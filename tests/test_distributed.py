@@ -114,15 +114,3 @@ def test_all_source_nets_spread_over_processes_then_amalgamated_together(tmp_pat
     assert len(list((tmp_path / "run/target").rglob("events.out.tfevents.*"))) == 1
     assert not list(tmp_path.rglob("*.tmp")), "a temporary file was left behind"
 
-
-def test_protocol_extrapolation_counts_every_net_epoch_and_image():
-    from kamal_attr.benchmark import EPOCHS, TRAIN_IMAGES, VAL_IMAGES, protocol_hours
-    rates = {"source net": 1000.0, "stage 1": 500.0, "stage 2": 250.0}
-    total, parts = protocol_hours(rates, loader=10_000.0)
-    per_net = EPOCHS * (TRAIN_IMAGES + VAL_IMAGES / 3) / 3600
-    assert parts == pytest.approx({"source nets": 22 * per_net / 1000,
-                                   "component nets": 10 * per_net / 500,
-                                   "target nets": 3 * per_net / 250})
-    assert total == pytest.approx(sum(parts.values()))
-    slow_loader, _ = protocol_hours(rates, loader=100.0)  # data loading included: the slower wins
-    assert slow_loader == pytest.approx(35 * per_net / 100)
