@@ -91,7 +91,6 @@ class _BridgedMSE(torch.autograd.Function):
     rows, with the gradients autograd derives for it (``addmm``, then ``mse_loss``)."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, features: torch.Tensor, counts: list[int], *flat: Optional[torch.Tensor]):
         f = _rows(features)
         pixels = f.shape[0] // max(features.shape[0], 1)
@@ -108,15 +107,14 @@ class _BridgedMSE(torch.autograd.Function):
             residual.sub_(g if v is None else torch.addmm(c, g, v.t()))
             flat_residual = residual.view(-1)
             losses.append(torch.dot(flat_residual, flat_residual) / residual.numel())
-            blocks.append((rows, v is not None))
+            blocks.append((rows, n, v is not None))
             saved += [residual, g, w]
-        ctx.blocks, ctx.shape = blocks, features.shape
+        ctx.blocks, ctx.shape, ctx.pixels = blocks, features.shape, pixels
         ctx.save_for_backward(f, *saved)
         return torch.stack(losses)
 
     @staticmethod
     @once_differentiable
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad: torch.Tensor):
         f, *saved = ctx.saved_tensors
         grad_f = torch.empty_like(f) if ctx.needs_input_grad[0] else None
@@ -125,10 +123,14 @@ class _BridgedMSE(torch.autograd.Function):
             if block is None:
                 grads += [None] * 5
                 continue
-            (rows, bridged), (residual, g, w) = block, saved[:3]
+            (rows, images, bridged), (residual, g, w) = block, saved[:3]
             saved = saved[3:]
             # mse_loss's backward, 2/N (a - b) grad, on the residual kept from the forward
             d = residual.mul_(grad[i] * (2.0 / residual.numel()))
+            if images == 1 and ctx.pixels > 1:
+                # autograd's gradient here is a view of mse_loss's NCHW-contiguous gradient:
+                # for one image a column-major one, whose sums run in another order
+                d = d.t().contiguous().t()
             if grad_f is not None:
                 torch.mm(d, w, out=grad_f[rows])
             grad_w, grad_b = torch.mm(d.t(), f[rows]), d.sum(0)
@@ -152,10 +154,16 @@ def bridged_mse(features: torch.Tensor, counts: Sequence[int],
     step's largest tensors: the residual ``a - b`` is formed once and becomes the
     backward's ``2 (a - b) / N`` in place (``mse_loss``'s backward reads ``a`` and ``b``
     again), and each block's gradient is written into its rows of one tensor (a split's
-    backward concatenates). Under CUDA autocast it runs in float32, as ``mse_loss`` does.
+    backward concatenates). Under autocast it runs in float32 (as autocast runs ``mse_loss``),
+    on float32 copies of the features that autograd casts back.
     """
     if sum(counts) != features.shape[0] or len(counts) != len(terms):
         raise ValueError("bridged_mse needs one count per term, summing to the batch size")
+    device = features.device.type
+    if torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return bridged_mse(features.float(), counts,
+                               [(c, None if t is None else t.float(), s) for c, t, s in terms])
     flat: list[Optional[torch.Tensor]] = []
     for conv, target, target_conv in terms:
         flat += [conv.weight.flatten(1), conv.bias, target,

@@ -72,8 +72,8 @@ def test_bridged_mse_gives_autograds_gradients_bitwise(channels_last):
     them, as before)."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    features = torch.randn(6, 5, 4, 3).contiguous(memory_format=fmt).requires_grad_()
-    counts = [2, 0, 4]
+    features = torch.randn(7, 5, 4, 3).contiguous(memory_format=fmt).requires_grad_()
+    counts = [2, 0, 1, 4]  # an empty block and a one-image block (another gradient layout)
     student_side = [torch.nn.Conv2d(5, 3, 1) for _ in counts]
     teacher_side = [torch.nn.Conv2d(7, 3, 1) for _ in counts]
     targets = [torch.randn(n, 7, 4, 3).contiguous(memory_format=fmt) if n else None for n in counts]
@@ -122,3 +122,18 @@ def test_bridged_mse_backpropagates_once():
     loss.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.sum().backward()
+
+
+def test_bridged_mse_under_autocast_runs_in_float32():
+    """bf16 taps (as CUDA autocast makes them; CPU autocast here): the loss is computed in
+    float32 and the features' gradient comes back in their own dtype."""
+    torch.manual_seed(3)
+    features = torch.randn(2, 4, 3, 3).to(torch.bfloat16).requires_grad_()
+    conv, target = torch.nn.Conv2d(4, 2, 1), torch.randn(2, 2, 3, 3).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = bridged_mse(features, [2], [(conv, target, None)])
+    loss.sum().backward()
+    assert loss.dtype == torch.float32 and features.grad.dtype == torch.bfloat16
+    expected = F.mse_loss(_bridge(conv, features.detach().float()), target.float())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert conv.weight.grad.dtype == torch.float32
