@@ -13,7 +13,7 @@
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +62,13 @@ class TransferBridge(nn.Module):
         A 1x1 convolution is a matrix product over channels: on channels-last features the
         ``(B, H, W, C)`` view is free and one GEMM computes it, faster than a convolution
         kernel when channels are few (``python -m kamal_attr.benchmark``)."""
-        return [F.linear(f.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
-                for conv, f in zip(self.convs, features)]
+        return [apply_bridge(conv, f) for conv, f in zip(self.convs, features)]
+
+
+def apply_bridge(conv: nn.Conv2d, features: torch.Tensor) -> torch.Tensor:
+    """One tap's 1x1 ``conv`` as :class:`TransferBridge` applies it: one GEMM over the
+    ``(B, H, W, C)`` view of channels-last ``features``."""
+    return F.linear(features.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
 
 
 def unit_norm_penalty(bridge: TransferBridge) -> torch.Tensor:
@@ -78,7 +83,7 @@ def unit_norm_penalty(bridge: TransferBridge) -> torch.Tensor:
 #: One term of :func:`bridged_mse`: the student-side bridge conv of the tap, the teacher's
 #: features at the tap (None when no image of the batch is routed to it) and the
 #: teacher-side bridge conv (None where the features are the target as they are: stage 2).
-BridgeTerm = tuple[nn.Conv2d, Optional[torch.Tensor], Optional[nn.Conv2d]]
+BridgeTerm = tuple[nn.Conv2d, torch.Tensor | None, nn.Conv2d | None]
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -87,28 +92,31 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class _BridgedMSE(torch.autograd.Function):
-    """The arithmetic of ``F.mse_loss(F.linear(f, W, b), F.linear(g, V, c))`` per block of
-    rows, with the gradients autograd derives for it (``addmm``, then ``mse_loss``)."""
+    """The arithmetic of ``F.mse_loss(apply_bridge(C, f_i), apply_bridge(S, g_i))`` per block
+    of rows, with the gradients autograd derives for it (``addmm``, then ``mse_loss``)."""
 
     @staticmethod
-    def forward(ctx, features: torch.Tensor, counts: list[int], *flat: Optional[torch.Tensor]):
+    def forward(ctx, features: torch.Tensor, counts: list[int], *flat: torch.Tensor | None):
         f = _rows(features)
-        pixels = f.shape[0] // max(features.shape[0], 1)
+        pixels = features.shape[2] * features.shape[3]
         losses, saved, blocks, start = [], [], [], 0
-        for n, (w, b, g, v, c) in zip(counts, (flat[k:k + 5] for k in range(0, len(flat), 5))):
+        # five slots per term: student-side weight and bias, target, target-side weight and bias
+        for n, (weight, bias, target, t_weight, t_bias) in zip(
+                counts, (flat[k:k + 5] for k in range(0, len(flat), 5))):
             if n == 0:
                 losses.append(f.new_zeros(()))
                 blocks.append(None)
                 continue
             rows = slice(start, start + n * pixels)
             start = rows.stop
-            g = _rows(g)
-            residual = torch.addmm(b, f[rows], w.t())
-            residual.sub_(g if v is None else torch.addmm(c, g, v.t()))
+            target = _rows(target)
+            residual = torch.addmm(bias, f[rows], weight.t())
+            bridged = t_weight is not None
+            residual.sub_(torch.addmm(t_bias, target, t_weight.t()) if bridged else target)
             flat_residual = residual.view(-1)
             losses.append(torch.dot(flat_residual, flat_residual) / residual.numel())
-            blocks.append((rows, n, v is not None))
-            saved += [residual, g, w]
+            blocks.append((rows, n, bridged))
+            saved += [residual, weight, target if bridged else None]
         ctx.blocks, ctx.shape, ctx.pixels = blocks, features.shape, pixels
         ctx.save_for_backward(f, *saved)
         return torch.stack(losses)
@@ -117,14 +125,14 @@ class _BridgedMSE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         f, *saved = ctx.saved_tensors
+        per_block = iter(zip(saved[0::3], saved[1::3], saved[2::3]))
         grad_f = torch.empty_like(f) if ctx.needs_input_grad[0] else None
-        grads: list[Optional[torch.Tensor]] = []
+        grads: list[torch.Tensor | None] = []
         for i, block in enumerate(ctx.blocks):
             if block is None:
                 grads += [None] * 5
                 continue
-            (rows, images, bridged), (residual, g, w) = block, saved[:3]
-            saved = saved[3:]
+            (rows, images, bridged), (residual, weight, target) = block, next(per_block)
             # mse_loss's backward, 2/N (a - b) grad, on the residual kept from the forward
             d = residual.mul_(grad[i] * (2.0 / residual.numel()))
             if images == 1 and ctx.pixels > 1:
@@ -132,13 +140,13 @@ class _BridgedMSE(torch.autograd.Function):
                 # for one image a column-major one, whose sums run in another order
                 d = d.t().contiguous().t()
             if grad_f is not None:
-                torch.mm(d, w, out=grad_f[rows])
-            grad_w, grad_b = torch.mm(d.t(), f[rows]), d.sum(0)
-            grads += [grad_w, grad_b, None] + (
-                [torch.mm(d.t(), g).neg_(), grad_b.neg()] if bridged else [None, None])
+                torch.mm(d, weight, out=grad_f[rows])
+            grad_weight, grad_bias = torch.mm(d.t(), f[rows]), d.sum(0)
+            grads += [grad_weight, grad_bias, None] + (
+                [torch.mm(d.t(), target).neg_(), grad_bias.neg()] if bridged else [None, None])
         if grad_f is not None:
-            b, c, h, w = ctx.shape
-            grad_f = grad_f.view(b, h, w, c).permute(0, 3, 1, 2)
+            batch, channels, height, width = ctx.shape
+            grad_f = grad_f.view(batch, height, width, channels).permute(0, 3, 1, 2)
         return (grad_f, None, *grads)
 
 
@@ -146,27 +154,37 @@ def bridged_mse(features: torch.Tensor, counts: Sequence[int],
                 terms: Sequence[BridgeTerm]) -> torch.Tensor:
     """Per term i, ``MSE(C_i f_i + c_i, S_i g_i + s_i)`` (or ``MSE(C_i f_i + c_i, g_i)``
     without a teacher-side conv), where f_i are the next ``counts[i]`` images of the
-    student's tap ``features`` ``(B, C, H, W)`` and C_i, S_i 1x1 convolutions. Returns the
-    ``len(terms)`` losses (0 for an empty block, whose convs then get no gradient).
+    student's tap ``features`` ``(B, C, H, W)``, g_i the teacher's features at the same tap
+    (no gradient) and C_i, S_i 1x1 convolutions. Returns the ``len(terms)`` losses; an
+    empty block's loss is 0 and its convs stay out of the graph (no gradient, as before).
 
-    The same kernels in the same order as ``F.mse_loss`` of the bridges' outputs, so the
-    gradients are bitwise autograd's (``tests/test_losses.py``), in fewer passes over the
-    step's largest tensors: the residual ``a - b`` is formed once and becomes the
-    backward's ``2 (a - b) / N`` in place (``mse_loss``'s backward reads ``a`` and ``b``
-    again), and each block's gradient is written into its rows of one tensor (a split's
-    backward concatenates). Under autocast it runs in float32 (as autocast runs ``mse_loss``),
-    on float32 copies of the features that autograd casts back.
+    The same kernels in the same order as ``F.mse_loss`` of :func:`apply_bridge`'s outputs
+    chunk by chunk, so on channels-last float32 features, with the loss summed with weight
+    1 as training does, the gradients are bitwise autograd's (``tests/test_losses.py``,
+    ``tests/test_methods.py``); the logged loss may differ in the last bits. It takes
+    fewer passes over the step's largest tensors: the residual ``a - b`` is formed once
+    and becomes the backward's ``2 (a - b) / N`` in place (``mse_loss``'s backward reads
+    ``a`` and ``b`` again), and each block's gradient is written into its rows of one
+    tensor (a split's backward concatenates). Under autocast, which casts inside each op
+    (bridges in its dtype, the MSE in float32), it is that plain formulation.
     """
     if sum(counts) != features.shape[0] or len(counts) != len(terms):
         raise ValueError("bridged_mse needs one count per term, summing to the batch size")
-    device = features.device.type
-    if torch.is_autocast_enabled(device):
-        with torch.autocast(device, enabled=False):
-            return bridged_mse(features.float(), counts,
-                               [(c, None if t is None else t.float(), s) for c, t, s in terms])
-    flat: list[Optional[torch.Tensor]] = []
-    for conv, target, target_conv in terms:
-        flat += [conv.weight.flatten(1), conv.bias, target,
-                 None if target_conv is None else target_conv.weight.flatten(1),
-                 None if target_conv is None else target_conv.bias]
+    for n, (_, target, _) in zip(counts, terms):
+        if n and (target is None or target.requires_grad or target.shape[0] != n
+                  or target.shape[2:] != features.shape[2:]):
+            raise ValueError(f"bridged_mse: a target of {n} images needs shape (n, C, "
+                             f"{features.shape[2]}, {features.shape[3]}) and no gradient")
+    if torch.is_autocast_enabled(features.device.type):
+        return torch.stack([
+            features.new_zeros((), dtype=torch.float32) if n == 0 else F.mse_loss(
+                apply_bridge(conv, f), target if t_conv is None else apply_bridge(t_conv, target))
+            for n, f, (conv, target, t_conv) in zip(counts, features.split(list(counts)), terms)])
+    flat: list[torch.Tensor | None] = []
+    for n, (conv, target, t_conv) in zip(counts, terms):
+        used = n > 0  # an idle term's convs stay out of the graph (DistributedDataParallel
+        # with find_unused_parameters counts them unused, as when they were skipped)
+        flat += [conv.weight.flatten(1), conv.bias, target] if used else [None] * 3
+        flat += ([t_conv.weight.flatten(1), t_conv.bias] if used and t_conv is not None
+                 else [None, None])
     return _BridgedMSE.apply(features, list(counts), *flat)

@@ -2,11 +2,10 @@ import math
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 
-from kamal_attr.losses import (TransferBridge, bridged_mse, entropy_impurity, per_sample_mse,
-                               route_by_entropy, unit_norm_penalty)
+from kamal_attr.losses import (TransferBridge, apply_bridge, bridged_mse, entropy_impurity,
+                               per_sample_mse, route_by_entropy, unit_norm_penalty)
 
 
 def test_entropy_impurity_hand_computed():
@@ -57,11 +56,6 @@ def test_per_sample_mse():
     assert per_sample_mse(a, b).tolist() == [1.0, 9.0]
 
 
-def _bridge(conv, x):
-    """A bridge as TransferBridge applies it (one GEMM over channels-last features)."""
-    return F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
-
-
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_bridged_mse_gives_autograds_gradients_bitwise(channels_last):
     """bridged_mse is an implementation detail of the feature loss: on channels-last
@@ -78,13 +72,12 @@ def test_bridged_mse_gives_autograds_gradients_bitwise(channels_last):
     teacher_side = [torch.nn.Conv2d(7, 3, 1) for _ in counts]
     targets = [torch.randn(n, 7, 4, 3).contiguous(memory_format=fmt) if n else None for n in counts]
     losses = bridged_mse(features, counts, list(zip(student_side, targets, teacher_side)))
-    (losses.sum() * 1.0).backward()
+    losses.sum().backward()
     fused = [features.grad] + [p.grad for c in student_side + teacher_side for p in c.parameters()]
-    expected = []
     for conv in student_side + teacher_side:
         conv.zero_grad(set_to_none=True)
     features.grad = None
-    reference = sum(F.mse_loss(_bridge(c, f), _bridge(t, g))
+    reference = sum(F.mse_loss(apply_bridge(c, f), apply_bridge(t, g))
                     for c, t, f, g in zip(student_side, teacher_side, features.split(counts), targets)
                     if g is not None)
     reference.backward()
@@ -97,7 +90,7 @@ def test_bridged_mse_gives_autograds_gradients_bitwise(channels_last):
     assert student_side[1].weight.grad is None and teacher_side[1].bias.grad is None
 
 
-def test_bridged_mse_against_plain_targets_and_bad_counts():
+def test_bridged_mse_against_plain_targets_and_bad_input():
     """Stage 2: the component's features are the target as they are (no teacher-side conv)."""
     torch.manual_seed(1)
     features = torch.randn(3, 4, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -106,12 +99,15 @@ def test_bridged_mse_against_plain_targets_and_bad_counts():
     loss.sum().backward()
     fused = (features.grad, conv.weight.grad, conv.bias.grad)
     features.grad = conv.weight.grad = conv.bias.grad = None
-    reference = F.mse_loss(_bridge(conv, features), target)
+    reference = F.mse_loss(apply_bridge(conv, features), target)
     reference.backward()
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(fused, (features.grad, conv.weight.grad, conv.bias.grad)))
     with pytest.raises(ValueError, match="one count per term"):
         bridged_mse(features, [2], [(conv, target, None)])
+    for bad in (target[:, :, :4], target.requires_grad_()):  # other pixels; not a fixed target
+        with pytest.raises(ValueError, match="needs shape"):
+            bridged_mse(features, [3], [(conv, bad, None)])
 
 
 def test_bridged_mse_backpropagates_once():
@@ -124,16 +120,16 @@ def test_bridged_mse_backpropagates_once():
         loss.sum().backward()
 
 
-def test_bridged_mse_under_autocast_runs_in_float32():
-    """bf16 taps (as CUDA autocast makes them; CPU autocast here): the loss is computed in
-    float32 and the features' gradient comes back in their own dtype."""
+def test_bridged_mse_under_autocast_is_the_plain_formulation():
+    """Autocast casts inside each op (bridges in bf16 on bf16 taps, the MSE in float32):
+    there bridged_mse is the plain formulation, with its losses in float32 and the taps'
+    gradient in their own dtype (CPU autocast here; CUDA autocast in training)."""
     torch.manual_seed(3)
     features = torch.randn(2, 4, 3, 3).to(torch.bfloat16).requires_grad_()
     conv, target = torch.nn.Conv2d(4, 2, 1), torch.randn(2, 2, 3, 3).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = bridged_mse(features, [2], [(conv, target, None)])
+        reference = F.mse_loss(apply_bridge(conv, features), target)
+    assert loss.dtype == torch.float32 and torch.equal(loss[0], reference)
     loss.sum().backward()
-    assert loss.dtype == torch.float32 and features.grad.dtype == torch.bfloat16
-    expected = F.mse_loss(_bridge(conv, features.detach().float()), target.float())
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert conv.weight.grad.dtype == torch.float32
+    assert features.grad.dtype == torch.bfloat16 and conv.weight.grad.dtype == torch.float32
