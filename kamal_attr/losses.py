@@ -182,8 +182,7 @@ def bridged_mse(features: torch.Tensor, counts: Sequence[int],
             for n, f, (conv, target, t_conv) in zip(counts, features.split(list(counts)), terms)])
     flat: list[torch.Tensor | None] = []
     for n, (conv, target, t_conv) in zip(counts, terms):
-        used = n > 0  # an idle term's convs stay out of the graph (DistributedDataParallel
-        # with find_unused_parameters counts them unused, as when they were skipped)
+        used = n > 0  # an idle term's convs stay out of the graph, as when it was skipped
         flat += [conv.weight.flatten(1), conv.bias, target] if used else [None] * 3
         flat += ([t_conv.weight.flatten(1), t_conv.bias] if used and t_conv is not None
                  else [None, None])

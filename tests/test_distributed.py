@@ -16,7 +16,8 @@ from kamal_attr.checkpoint import load_checkpoint
 from kamal_attr.config import add_common_args, resolve_config
 from kamal_attr.distributed import wrap
 from kamal_attr.engine import OptimConfig, build_optimizer, train_one_epoch
-from kamal_attr.methods import SourceTraining
+from kamal_attr.methods import SelectiveAmalgamation, SourceTraining
+from kamal_attr.models import AttributeResNet
 from kamal_attr.runtime import dataset, train_loader
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,6 +84,34 @@ def test_two_processes_learn_exactly_what_one_does(tmp_path, synthetic_root):
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-3, "nothing was learnt"
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-5), f"{k}: 2 processes learnt otherwise than 1"
+
+
+def amalgamate_with_an_idle_source_net(rank: int, out: str, port: str) -> None:
+    """Two stage-1 steps on 2 processes, source net 1 idle in rank 0's batches only."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    routing = torch.tensor([[1.0, 0.0]] * 4 + [[1.0, 0.0], [0.0, 1.0]] * 2)  # rows 0-3: rank 0
+    method = SelectiveAmalgamation(AttributeResNet(["Bangs"], 16),
+                                   [AttributeResNet(["Bangs"], 8) for _ in range(2)], "Bangs", routing)
+    optimizer = build_optimizer(method.train().parameter_groups(0.1), OptimConfig("sgd", 0.1))
+    step_module = wrap(method, torch.device("cpu"))
+    for _ in range(2):
+        parts = step_module(torch.randn(4, 3, 32, 32), None, torch.arange(4) + 4 * rank)
+        optimizer.zero_grad(set_to_none=True)
+        torch.stack(list(parts.values())).sum().backward()
+        optimizer.step()
+    torch.save(method.component_bridges.state_dict(), Path(out) / f"bridges{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_a_source_net_idle_in_one_process(tmp_path):
+    """A source net with no image in one process's batch (its bridges get a gradient in the
+    other process only): the steps complete and both processes hold the same bridges."""
+    torch.multiprocessing.spawn(amalgamate_with_an_idle_source_net, nprocs=2,
+                                args=(str(tmp_path), "29541"))
+    first, second = (torch.load(tmp_path / f"bridges{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_one_net_on_two_processes_is_written_once(tmp_path, synthetic_root):
