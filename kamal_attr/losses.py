@@ -170,11 +170,13 @@ def bridged_mse(features: torch.Tensor, counts: Sequence[int],
     """
     if sum(counts) != features.shape[0] or len(counts) != len(terms):
         raise ValueError("bridged_mse needs one count per term, summing to the batch size")
-    for n, (_, target, _) in zip(counts, terms):
-        if n and (target is None or target.requires_grad or target.shape[0] != n
-                  or target.shape[2:] != features.shape[2:]):
-            raise ValueError(f"bridged_mse: a target of {n} images needs shape (n, C, "
-                             f"{features.shape[2]}, {features.shape[3]}) and no gradient")
+    for n, (conv, target, t_conv) in zip(counts, terms):
+        channels = conv.out_channels if t_conv is None else t_conv.in_channels
+        if n and (target is None or target.requires_grad
+                  or target.shape != (n, channels, *features.shape[2:])):
+            raise ValueError(f"bridged_mse: a block of {n} images needs a target of shape "
+                             f"({n}, {channels}, {features.shape[2]}, {features.shape[3]}) "
+                             "without gradient")
     if torch.is_autocast_enabled(features.device.type):
         return torch.stack([
             features.new_zeros((), dtype=torch.float32) if n == 0 else F.mse_loss(
@@ -183,6 +185,7 @@ def bridged_mse(features: torch.Tensor, counts: Sequence[int],
     flat: list[torch.Tensor | None] = []
     for n, (conv, target, t_conv) in zip(counts, terms):
         used = n > 0  # an idle term's convs stay out of the graph, as when it was skipped
+        # (DistributedDataParallel's find_unused_parameters then counts them unused)
         flat += [conv.weight.flatten(1), conv.bias, target] if used else [None] * 3
         flat += ([t_conv.weight.flatten(1), t_conv.bias] if used and t_conv is not None
                  else [None, None])

@@ -88,6 +88,13 @@ def test_bridged_mse_gives_autograds_gradients_bitwise(channels_last):
         assert (got is None) == (want is None)
         assert got is None or same(got, want)
     assert student_side[1].weight.grad is None and teacher_side[1].bias.grad is None
+    leaves, pending = set(), [losses.grad_fn]
+    while pending:  # the idle block's convs are not even in the graph (as when it was skipped)
+        node = pending.pop()
+        leaves |= {id(node.variable)} if hasattr(node, "variable") else set()
+        pending += [n for n, _ in node.next_functions if n is not None]
+    idle = [*student_side[1].parameters(), *teacher_side[1].parameters()]
+    assert leaves and not leaves & {id(p) for p in idle}
 
 
 def test_bridged_mse_against_plain_targets_and_bad_input():
@@ -105,8 +112,9 @@ def test_bridged_mse_against_plain_targets_and_bad_input():
     assert all(torch.equal(a, b) for a, b in zip(fused, (features.grad, conv.weight.grad, conv.bias.grad)))
     with pytest.raises(ValueError, match="one count per term"):
         bridged_mse(features, [2], [(conv, target, None)])
-    for bad in (target[:, :, :4], target.requires_grad_()):  # other pixels; not a fixed target
-        with pytest.raises(ValueError, match="needs shape"):
+    # other pixels, other channels, other images, none, not a fixed target
+    for bad in (target[:, :, :4], target[:, :1], target[:2], None, target.requires_grad_()):
+        with pytest.raises(ValueError, match="needs a target of shape"):
             bridged_mse(features, [3], [(conv, bad, None)])
 
 
