@@ -122,24 +122,29 @@ def stage_methods(width: int, target_width: int, batch: int) -> dict[str, Callab
 def measure_steps(device: torch.device, image_size: int, width: int, target_width: int,
                   batch: int, bf16: bool, rounds: int, per_round: int) -> dict[str, float]:
     """Median img/s of each step of :func:`stage_methods`, and each amalgamation step's
-    ratio to the plain step of its student (target 4), with and without its feature loss."""
+    ratio to the plain step of its student (target 4), with and without its feature loss,
+    and its number of teachers."""
     torch.manual_seed(0)
-    steps = {name: build_step(make(), device, image_size, batch, bf16)
-             for name, make in stage_methods(width, target_width, batch).items()}
+    methods, steps = {}, {}
+    for name, make in stage_methods(width, target_width, batch).items():
+        methods[name] = make()
+        steps[name] = build_step(methods[name], device, image_size, batch, bf16)
     rates = steps_per_second(steps, device, batch, rounds, per_round)
     out = {name: statistics.median(r) for name, r in rates.items()}
     for stage, plain in (("stage 1", "plain student"), ("stage 2", "plain target")):
         for step in (stage, f"{stage}, logits only"):
             out[f"{step} ratio"] = statistics.median(s / p for s, p in zip(rates[step], rates[plain]))
+        out[f"{stage} teachers"] = len(methods[stage].teachers)
     return out
 
 
-def cost_split(steps: dict[str, float], stage: str, teachers: str, threshold: float) -> str:
+def cost_split(steps: dict[str, float], stage: str, threshold: float) -> str:
     """A stage step's time in plain steps of its student: 1 (the student's own forward and
-    backward) + what its ``teachers`` add without the feature loss (their forward passes,
-    the logit loss and, in stage 1, sorting the batch by teacher) + its feature loss, and
-    what target 4 allows beyond the 1: ``1/ratio - 1`` at the threshold."""
+    backward) + what its teachers add without the feature loss (their forward passes, the
+    logit loss and, in stage 1, sorting the batch by teacher) + its feature loss, and what
+    target 4 allows beyond the 1: ``1/ratio - 1`` at the threshold."""
     full, logits = steps[f"{stage} ratio"], steps[f"{stage}, logits only ratio"]
+    teachers = f"{steps[f'{stage} teachers']:.0f} {'source' if stage == 'stage 1' else 'component'} nets"
     return (f"{stage} step = 1 + {1 / logits - 1:.2f} ({teachers}' forward, logit loss) + "
             f"{1 / full - 1 / logits:.2f} (feature loss) plain steps; "
             f"target 4 allows 1 + {1 / threshold - 1:.2f}")
@@ -247,10 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'target':46s} {'figure':>8s}  {'threshold':12s} result")
     for row in rows:
         print(f"{row[0]:46s} {row[1]:>8s}  {row[2]:12s} {row[3]}")
-    teachers = {"stage 1": f"{len(source_nets_of('hair', 'Brown_Hair'))} source nets",
-                "stage 2": f"{len(GROUPS['hair'])} component nets"}  # as stage_methods builds them
     for stage, threshold in RATIO_TARGETS.items():
-        print(cost_split(steps, stage, teachers[stage], threshold))
+        print(cost_split(steps, stage, threshold))
     if short:
         print(f"short of target 4 on the CPU: {', '.join(short)}", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ def test_cost_split_in_plain_steps():
     """A stage step at half the plain step's rate costs 2 plain steps: 1 for the student,
     then the teachers' forward (what the logits-only step adds) and the feature loss (the
     rest); target 4's 0.65 allows 1/0.65 - 1 = 0.54 beyond the student's own step."""
-    steps = {"stage 1 ratio": 0.5, "stage 1, logits only ratio": 0.8}
-    assert cost_split(steps, "stage 1", "3 source nets", 0.65) == (
+    steps = {"stage 1 ratio": 0.5, "stage 1, logits only ratio": 0.8, "stage 1 teachers": 3}
+    assert cost_split(steps, "stage 1", 0.65) == (
         "stage 1 step = 1 + 0.25 (3 source nets' forward, logit loss) + 0.75 (feature loss) "
         "plain steps; target 4 allows 1 + 0.54")
