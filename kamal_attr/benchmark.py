@@ -3,6 +3,7 @@ protocol: one line per target of issue 9, measured in one run.
 
     python -m kamal_attr.benchmark                   # CPU: demo sizes, under a minute
     python -m kamal_attr.benchmark --device cuda     # GPU: 224 px, real-data widths
+    python -m kamal_attr.benchmark --compile         # also each stage under torch.compile
 
 Measured, at the demo's sizes (64 px, width 16, target 24; batch 64, the real preset's) or the real-data
 preset's (224 px, width 64, target 90) with ``--real_sizes`` (the default on CUDA):
@@ -13,7 +14,8 @@ preset's (224 px, width 64, target 90) with ``--real_sizes`` (the default on CUD
   target 4, and both amalgamation stages without their feature loss, which splits a
   stage's cost into its teachers' forward passes and its feature loss. Steps are timed in
   interleaved rounds and the median taken, so that a machine's drift between
-  measurements does not enter a ratio;
+  measurements does not enter a ratio. With ``--compile``, each stage's step also under
+  ``torch.compile`` (inductor; target 3's "if it helps"), in the same rounds;
 - the training loader (:func:`kamal_attr.runtime.train_loader`) over a freshly drawn
   synthetic dataset at CelebA's 178x218, reading the decoded-image cache (and the JPEGs,
   for comparison);
@@ -55,9 +57,11 @@ RATIO_TARGETS = {"stage 1": 0.65, "stage 2": 0.5}
 
 
 def build_step(method: Method, device: torch.device, image_size: int, batch: int,
-               bf16: bool) -> Callable[[], None]:
-    """One training step of ``method`` on a fixed random batch, as the training loop runs it."""
+               bf16: bool, compiled: bool = False) -> Callable[[], None]:
+    """One training step of ``method`` on a fixed random batch, as the training loop runs it
+    (``compiled``: with ``torch.compile(method)``, which the training loop does not do)."""
     place(method, device).train()
+    run = torch.compile(method) if compiled else method
     optimizer = build_optimizer(method.parameter_groups(1e-3), OptimConfig("adam", 1e-3))
     images = torch.randn(batch, 3, image_size, image_size, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
@@ -66,7 +70,7 @@ def build_step(method: Method, device: torch.device, image_size: int, batch: int
 
     def step() -> None:
         with autocast(device, bf16):
-            loss = torch.stack(list(method(images, labels, index).values())).sum()
+            loss = torch.stack(list(run(images, labels, index).values())).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -119,23 +123,51 @@ def stage_methods(width: int, target_width: int, batch: int) -> dict[str, Callab
     }
 
 
+#: The steps that train the paper's nets, timed compiled too with ``--compile`` (target 3).
+STAGES = ("source net", "stage 1", "stage 2")
+
+
 def measure_steps(device: torch.device, image_size: int, width: int, target_width: int,
-                  batch: int, bf16: bool, rounds: int, per_round: int) -> dict[str, float]:
+                  batch: int, bf16: bool, rounds: int, per_round: int,
+                  compiled: bool = False) -> dict[str, float]:
     """Median img/s of each step of :func:`stage_methods`, and each amalgamation step's
     ratio to the plain step of its student (target 4), with and without its feature loss,
-    and its number of teachers."""
+    and its number of teachers. ``compiled``: each of :data:`STAGES` is also timed under
+    ``torch.compile`` (``"<stage>, compiled"``, in the same rounds) and its speed-up over
+    the eager step is given (``"<stage> compile speed-up"``)."""
     torch.manual_seed(0)
+    makers = stage_methods(width, target_width, batch)
     methods, steps = {}, {}
-    for name, make in stage_methods(width, target_width, batch).items():
+    for name, make in makers.items():
         methods[name] = make()
         steps[name] = build_step(methods[name], device, image_size, batch, bf16)
+    for name in STAGES if compiled else ():
+        steps[f"{name}, compiled"] = build_step(makers[name](), device, image_size, batch, bf16,
+                                                compiled=True)
     rates = steps_per_second(steps, device, batch, rounds, per_round)
     out = {name: statistics.median(r) for name, r in rates.items()}
     for stage, plain in (("stage 1", "plain student"), ("stage 2", "plain target")):
         for step in (stage, f"{stage}, logits only"):
             out[f"{step} ratio"] = statistics.median(s / p for s, p in zip(rates[step], rates[plain]))
         out[f"{stage} teachers"] = len(methods[stage].teachers)
+    for name in STAGES if compiled else ():
+        out[f"{name} compile speed-up"] = statistics.median(
+            c / e for c, e in zip(rates[f"{name}, compiled"], rates[name]))
     return out
+
+
+def compile_rows(steps: dict[str, float]) -> list[tuple[str, str, str, str]]:
+    """Target 3's ``torch.compile`` rows: each stage's compiled step rate over its eager
+    one. Training compiles nothing: a gain under 5 % is within this benchmark's noise."""
+    if "stage 1 compile speed-up" not in steps:
+        return [("3 torch.compile step / eager step", "-", ">= 1.05",
+                 "not measured: --compile (compiling takes a minute or two)")]
+    rows = []
+    for name in STAGES:
+        gain = steps[f"{name} compile speed-up"]
+        rows.append((f"3 torch.compile step / eager step, {name}", f"{gain:.2f}", ">= 1.05",
+                     "helps" if gain >= 1.05 else "slower" if gain <= 0.95 else "no gain"))
+    return rows
 
 
 def cost_split(steps: dict[str, float], stage: str, threshold: float) -> str:
@@ -192,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fp32", action="store_true", help="on CUDA: no bf16 autocast")
     p.add_argument("--images", type=bounded_int(600), default=1200,
                    help="size of the synthetic dataset the loader is timed on")
+    p.add_argument("--compile", action="store_true",
+                   help="also time each stage's step under torch.compile (target 3)")
     args = p.parse_args(argv)
     device = torch.device(check_device(args.device))
     cuda = device.type == "cuda"
@@ -209,9 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"steps at {size} px, width {width}, target {target_width}, batch {batch} "
           f"({args.rounds} interleaved rounds, median):")
     steps = measure_steps(device, size, width, target_width, batch, bf16, args.rounds,
-                          per_round=5 if demo else 2)
+                          per_round=5 if demo else 2, compiled=args.compile)
     for k in ("source net", "plain student", "stage 1", "stage 1, logits only", "plain target",
-              "stage 2", "stage 2, logits only"):
+              "stage 2", "stage 2, logits only") + tuple(f"{k}, compiled" for k in STAGES) * args.compile:
         print(f"  {k:20s} {steps[k]:8.0f} img/s")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -226,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         batches = max(3, min(40, int(0.6 * args.images) // batch - 1))
         cached = loader_rate(cfg, True, batches)
         jpeg = loader_rate(dataclasses.replace(cfg, workers=default_workers()), False, batches)
-    fastest = max(steps[k] for k in ("source net", "stage 1", "stage 2"))
+    fastest = max(steps[k] for k in STAGES)
     print(f"loader at {size} px: {cached:.0f} img/s from the decoded-image cache "
           f"({cfg.workers} workers), {jpeg:.0f} img/s from JPEGs ({default_workers()} workers)")
 
@@ -241,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                      "met" if met else "SHORT"))
     rows.append(("2 loader img/s / fastest stage img/s", f"{cached / fastest:.2f}", ">= 1.5",
                  "met" if cached >= 1.5 * fastest else "SHORT"))
+    rows += compile_rows(steps)
     if demo:
         rows.append(("1 paper protocol on one GPU", "-", "<= 8 h",
                      "not measured: run with --device cuda (224 px, widths 64/90)"))
