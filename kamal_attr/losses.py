@@ -126,7 +126,13 @@ class _BridgedMSE(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         f, *saved = ctx.saved_tensors
         per_block = iter(zip(saved[0::3], saved[1::3], saved[2::3]))
-        grad_f = torch.empty_like(f) if ctx.needs_input_grad[0] else None
+        # The gradient is a tensor of its own, channels-last, not a view of a (B*H*W, C) one:
+        # autograd can then add the tap's other gradient into it in place (it copies into a
+        # new tensor when the gradients it sums are views), one pass over the tap fewer.
+        grad_features = (torch.empty(ctx.shape, dtype=f.dtype, device=f.device,
+                                     memory_format=torch.channels_last)
+                         if ctx.needs_input_grad[0] else None)
+        grad_f = None if grad_features is None else _rows(grad_features)
         grads: list[torch.Tensor | None] = []
         for i, block in enumerate(ctx.blocks):
             if block is None:
@@ -144,10 +150,7 @@ class _BridgedMSE(torch.autograd.Function):
             grad_weight, grad_bias = torch.mm(d.t(), f[rows]), d.sum(0)
             grads += [grad_weight, grad_bias, None] + (
                 [torch.mm(d.t(), target).neg_(), grad_bias.neg()] if bridged else [None, None])
-        if grad_f is not None:
-            batch, channels, height, width = ctx.shape
-            grad_f = grad_f.view(batch, height, width, channels).permute(0, 3, 1, 2)
-        return (grad_f, None, *grads)
+        return (grad_features, None, *grads)
 
 
 def bridged_mse(features: torch.Tensor, counts: Sequence[int],
@@ -165,7 +168,8 @@ def bridged_mse(features: torch.Tensor, counts: Sequence[int],
     fewer passes over the step's largest tensors: the residual ``a - b`` is formed once
     and becomes the backward's ``2 (a - b) / N`` in place (``mse_loss``'s backward reads
     ``a`` and ``b`` again), and each block's gradient is written into its rows of one
-    tensor (a split's backward concatenates). Under autocast, which casts inside each op
+    tensor (a split's backward concatenates), into which autograd adds the tap's gradient
+    from the next layer in place. Under autocast, which casts inside each op
     (bridges in its dtype, the MSE in float32), it is that plain formulation.
     """
     if sum(counts) != features.shape[0] or len(counts) != len(terms):

@@ -118,6 +118,16 @@ def test_bridged_mse_against_plain_targets_and_bad_input():
             bridged_mse(features, [3], [(conv, bad, None)])
 
 
+def test_bridged_mse_gives_the_tap_a_gradient_autograd_can_add_into():
+    """The tap's gradient is a channels-last tensor of its own, not a view: where the tap
+    also feeds the next layer, autograd adds that gradient into it in place (it allocates a
+    third tensor to sum views). The benchmark's steps have no full-size add at any tap."""
+    features = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    loss = bridged_mse(features, [2], [(torch.nn.Conv2d(3, 2, 1), torch.randn(2, 2, 4, 4), None)])
+    grad, = torch.autograd.grad(loss.sum(), features)
+    assert grad._base is None and grad.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_bridged_mse_backpropagates_once():
     """The residual becomes the gradient in place, so a second backward through the same
     graph is refused (autograd's version check), never silently wrong."""
