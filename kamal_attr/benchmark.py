@@ -174,7 +174,7 @@ def compile_rows(steps: dict[str, float]) -> list[tuple[str, str, str, str]]:
     rows = []
     for name in STAGES:
         gain = steps[f"{name} compile speed-up"]
-        rows.append((f"3 torch.compile step / eager step, {name}", f"{gain:.2f}", ">= 1.05",
+        rows.append((f"3 torch.compile step / eager step, {name}", f"{gain:.3f}", ">= 1.05",
                      "helps" if gain >= 1.05 else "slower" if gain <= 0.95 else "no gain"))
     return rows
 
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         met = ratio >= threshold
         if not cuda and not met:
             short.append(stage)
-        rows.append((f"4 {stage} step / plain step of its student", f"{ratio:.2f}",
+        rows.append((f"4 {stage} step / plain step of its student", f"{ratio:.3f}",
                      f">= {threshold}" + ("" if not cuda else " (CPU)"),
                      "met" if met else "SHORT"))
     rows.append(("2 loader img/s / fastest stage img/s", f"{cached / fastest:.2f}", ">= 1.5",

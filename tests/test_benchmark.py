@@ -37,7 +37,7 @@ def test_compile_rows_judge_each_stage_against_its_eager_step():
     steps = {"source net compile speed-up": 1.2, "stage 1 compile speed-up": 1.01,
              "stage 2 compile speed-up": 0.9}
     assert [(r[1], r[3]) for r in compile_rows(steps)] == [
-        ("1.20", "helps"), ("1.01", "no gain"), ("0.90", "slower")]
+        ("1.200", "helps"), ("1.010", "no gain"), ("0.900", "slower")]
 
 
 def test_a_compiled_step_trains_the_method_as_the_eager_step_does():
