@@ -33,6 +33,9 @@ if mode == "kill":
 
     stages.atomic_save = atomic_save_then_kill
 elif mode == "ctrl-c":
+    # A shell without job control starts background commands with SIGINT ignored, and
+    # Python then leaves it ignored: a test suite run with ``&`` would see no Ctrl-C.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for cls in (methods.SourceTraining, methods.SelectiveAmalgamation, methods.TargetAmalgamation):
         def forward_train(self, *a, _inner=cls.forward_train):
             global count
