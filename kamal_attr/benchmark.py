@@ -85,10 +85,13 @@ def build_step(method: Method, device: torch.device, image_size: int, batch: int
 
 def steps_per_second(steps: dict[str, Callable[[], None]], device: torch.device, batch: int,
                      rounds: int, per_round: int) -> dict[str, list[float]]:
-    """img/s of every step, measured in ``rounds`` interleaved rounds (after one warm-up)."""
+    """img/s of every step, measured in ``rounds`` interleaved rounds, after each step has
+    run every batch plan once (so that neither cuDNN's autotuning for a new chunk size nor a
+    compiled step's recompilation falls into a timed round)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for step in steps.values():
-        step(), step()
+        for _ in range(PLANS):
+            step()
     rates: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
@@ -149,10 +152,8 @@ def measure_steps(device: torch.device, image_size: int, width: int, target_widt
         methods[name] = make()
         steps[name] = build_step(methods[name], device, image_size, batch, bf16)
     for name in STAGES if compiled else ():
-        steps[f"{name}, compiled"] = step = build_step(makers[name](), device, image_size, batch,
-                                                       bf16, compiled=True)
-        for _ in range(PLANS):  # compiled for every batch plan once before it is timed
-            step()
+        steps[f"{name}, compiled"] = build_step(makers[name](), device, image_size, batch, bf16,
+                                                compiled=True)
     rates = steps_per_second(steps, device, batch, rounds, per_round)
     out = {name: statistics.median(r) for name, r in rates.items()}
     for stage, plain in (("stage 1", "plain student"), ("stage 2", "plain target")):

@@ -132,7 +132,8 @@ class _BridgedMSE(torch.autograd.Function):
         grad_features = (torch.empty(ctx.shape, dtype=f.dtype, device=f.device,
                                      memory_format=torch.channels_last)
                          if ctx.needs_input_grad[0] else None)
-        grad_f = None if grad_features is None else _rows(grad_features)
+        grad_f = (None if grad_features is None  # a view, whose rows the blocks write
+                  else grad_features.permute(0, 2, 3, 1).view(-1, ctx.shape[1]))
         grads: list[torch.Tensor | None] = []
         for i, block in enumerate(ctx.blocks):
             if block is None:

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kamal_attr.losses import (TransferBridge, apply_bridge, bridged_mse, entropy_impurity,
-                               per_sample_mse, route_by_entropy, unit_norm_penalty)
+from kamal_attr.losses import (TransferBridge, _BridgedMSE, apply_bridge, bridged_mse,
+                               entropy_impurity, per_sample_mse, route_by_entropy,
+                               unit_norm_penalty)
 
 
 def test_entropy_impurity_hand_computed():
@@ -118,14 +119,30 @@ def test_bridged_mse_against_plain_targets_and_bad_input():
             bridged_mse(features, [3], [(conv, bad, None)])
 
 
-def test_bridged_mse_gives_the_tap_a_gradient_autograd_can_add_into():
+def test_autograd_adds_the_next_layers_gradient_into_bridged_mses_in_place(monkeypatch):
     """The tap's gradient is a channels-last tensor of its own, not a view: where the tap
-    also feeds the next layer, autograd adds that gradient into it in place (it allocates a
-    third tensor to sum views). The benchmark's steps have no full-size add at any tap."""
-    features = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
-    loss = bridged_mse(features, [2], [(torch.nn.Conv2d(3, 2, 1), torch.randn(2, 2, 4, 4), None)])
-    grad, = torch.autograd.grad(loss.sum(), features)
-    assert grad._base is None and grad.is_contiguous(memory_format=torch.channels_last)
+    also feeds the next layer, autograd adds that layer's gradient into it in place (it
+    sums into a third full-size tensor when the first gradient is a view)."""
+    returned = []  # where the tap gradient bridged_mse's backward hands to autograd lies
+    backward = _BridgedMSE.backward
+
+    def recording(ctx, grad):
+        grads = backward(ctx, grad)  # (a reference kept here would stop autograd adding into it)
+        channels_last = grads[0].is_contiguous(memory_format=torch.channels_last)
+        returned.append((grads[0].data_ptr(), channels_last))
+        return grads
+    monkeypatch.setattr(_BridgedMSE, "backward", staticmethod(recording))
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    tap = conv(x)
+    summed = []  # the tap's gradient once both consumers' parts are in
+    tap.register_hook(lambda g: summed.append(g.data_ptr()))
+    bridge, target = torch.nn.Conv2d(4, 2, 1), torch.randn(2, 2, 5, 5)
+    loss = (torch.nn.BatchNorm2d(4)(tap).square().sum()
+            + bridged_mse(tap, [2], [(bridge, target, None)]).sum())
+    loss.backward()
+    assert returned == [(summed[0], True)]
 
 
 def test_bridged_mse_backpropagates_once():
