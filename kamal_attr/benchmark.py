@@ -47,7 +47,7 @@ from .engine import OptimConfig, autocast, build_optimizer, place
 from .imagecache import build_cache
 from .methods import Method, SelectiveAmalgamation, SourceTraining, TargetAmalgamation
 from .models import AttributeResNet
-from .runtime import dataset, train_loader
+from .runtime import configure_device, dataset, train_loader
 from .synthetic import generate
 
 #: The paper's protocol (METHOD.md): nets per stage, epochs, CelebA's train and val sizes.
@@ -240,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(check_device(args.device))
     cuda = device.type == "cuda"
     bf16 = cuda and not args.fp32
-    if cuda:
-        torch.backends.cudnn.benchmark = True
+    configure_device(device)  # as training: current device, cudnn.benchmark, no TF32
     name = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}, torchvision {torchvision.__version__}; "
           f"{'bf16 autocast' if bf16 else 'float32'}, channels-last, fused optimiser"

@@ -324,14 +324,24 @@ def load_image(path: Path) -> Image.Image:
         raise CelebAError(f"cannot decode {path}: {e}") from None
 
 
-def device_views(pixels: torch.Tensor, boxes: torch.Tensor, image_size: int) -> torch.Tensor:
+def pixel_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's mean and std on the 0-255 scale, ``(1, 3, 1, 1)`` float32 on ``device``:
+    made once per loader, since a tensor built from Python numbers on a GPU is a copy the
+    host waits for, and the views of every batch use them."""
+    return tuple(torch.tensor(v).view(1, 3, 1, 1).mul(255).to(device)
+                 for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+
+def device_views(pixels: torch.Tensor, boxes: torch.Tensor, image_size: int,
+                 statistics: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Crop, resize, flip and normalise a batch of stored images on their device.
 
     ``pixels`` ``(B, H, W, 3)`` uint8, ``boxes`` ``(B, 5)``: ``top, left, height, width``
     (pixels) and ``flip`` (0/1), as :meth:`CelebA.view_box` draws them. Each box becomes an
     affine sampling grid (``x -> (w/W) x + (2 left + w)/W - 1`` in ``grid_sample``'s
     coordinates, negated for a flip) and one bilinear ``grid_sample`` resamples the whole
-    batch; returns ``(B, 3, S, S)`` float32, ImageNet-normalised, channels-last.
+    batch; returns ``(B, 3, S, S)`` float32, ImageNet-normalised (``statistics``: those of
+    :func:`pixel_statistics` on the device, made here if not given), channels-last.
     """
     batch, height, width, _ = pixels.shape
     images = pixels.permute(0, 3, 1, 2).float()
@@ -345,8 +355,7 @@ def device_views(pixels: torch.Tensor, boxes: torch.Tensor, image_size: int) -> 
                                            align_corners=False)
     out = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border",
                                           align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN, device=out.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=out.device).view(1, 3, 1, 1) * 255
+    mean, std = statistics if statistics is not None else pixel_statistics(out.device)
     return ((out - mean) / std).contiguous(memory_format=torch.channels_last)
 
 

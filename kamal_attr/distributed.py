@@ -13,6 +13,7 @@ communication. Without torchrun every function here is a no-op for one process.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Sequence, TypeVar
 
 import torch
@@ -65,20 +66,25 @@ def init_distributed(device: str, batch_size: int, independent: bool = False) ->
                              f"{torch.cuda.device_count()} CUDA devices")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") and not independent else "gloo")
+    # Rank 0 alone computes the routing (the whole training split through every source net)
+    # while the others wait in a broadcast: longer than NCCL's 10-minute default on JPEGs.
+    dist.init_process_group("nccl" if device.startswith("cuda") and not independent else "gloo",
+                            timeout=timedelta(hours=2))
     return device
 
 
 def wrap(module: nn.Module, device: torch.device) -> nn.Module:
     """``module`` in ``DistributedDataParallel`` when there are several processes; a
-    method's ``forward`` is its ``forward_train``. ``find_unused_parameters``: a batch may
-    route no image to some source net, whose bridges then get no gradient. No
+    method's ``forward`` is its ``forward_train``. ``find_unused_parameters`` where the
+    method says a step may leave parameters without gradient (``idle_parameters``: stage 1,
+    where a batch may route no image to some source net, whose bridges then get none);
+    elsewhere DDP would walk the graph after every forward for nothing. No
     ``device_ids``: the module is on its device already, and DDP would otherwise copy the
     batch's CPU-side index to the GPU (and each step would wait to read it back)."""
     if rank_and_world()[1] == 1:
         return module
-    return nn.parallel.DistributedDataParallel(module, device_ids=None,
-                                               find_unused_parameters=True)
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=None, find_unused_parameters=getattr(module, "idle_parameters", True))
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -88,6 +94,19 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([float(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def mean_over_processes(local: torch.Tensor) -> torch.Tensor:
+    """The mean of ``local`` over the processes (all must call it; ``local`` itself in a
+    single process). Stage 1 weighs each process's per-source-net mean by its share of
+    that source net's images, so that the gradients DDP averages are those of the mean
+    over all processes' images, as one process would compute it."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return local
+    total = local.clone()
+    dist.all_reduce(total)
+    return total / world
 
 
 def leave_group() -> None:

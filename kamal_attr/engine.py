@@ -19,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from . import KamalError
-from .distributed import any_rank, is_main_process, wrap
+from .distributed import any_rank, is_main_process, rank_and_world, wrap
 from .methods import Method
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ def train_one_epoch(method: Method, loader: Iterable, optimizer: torch.optim.Opt
                     device: torch.device, epoch: int, desc: str = "train",
                     log_every: int = 20, bf16: bool = False,
                     step_module: nn.Module | None = None) -> dict[str, float]:
-    """One pass over ``loader``; returns the mean of every loss part, ``loss`` and ``img/s``.
+    """One pass over ``loader``; returns the mean of every loss part (this process's),
+    ``loss`` and ``img/s`` (of all processes together).
 
     Nothing in a step waits for the device: the batch's index stays on the CPU (methods
     look up per-image data there), losses are summed on the device and read once per
@@ -132,7 +133,7 @@ def train_one_epoch(method: Method, loader: Iterable, optimizer: torch.optim.Opt
         raise KamalError(f"{desc}: loss is {step_losses[step].item()} at epoch {epoch} step "
                          f"{step} (this epoch was not saved); lower --lr and add --overwrite")
     stats = {k: v.item() / seen for k, v in sums.items()}
-    stats["img/s"] = seen / (time.perf_counter() - start)
+    stats["img/s"] = seen * rank_and_world()[1] / (time.perf_counter() - start)
     return stats
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import mean_over_processes, rank_and_world
 from .losses import TransferBridge, bridged_mse, per_sample_mse, unit_norm_penalty
 from .models import TAP_LAYERS, AttributeResNet, FeatureTaps, fold_batchnorm
 
@@ -26,7 +27,12 @@ BRIDGE_LR_SCALE = (1.0, 1.0, 0.1, 1.0, 1.0)
 
 
 class Method(nn.Module):
-    """Base class: a student plus frozen ``teachers`` kept in eval mode by ``train()``."""
+    """Base class: a student plus frozen ``teachers`` kept in eval mode by ``train()``.
+
+    ``idle_parameters``: whether a training step may leave some parameters without a
+    gradient (``DistributedDataParallel`` must then look for them)."""
+
+    idle_parameters = False
 
     def __init__(self, student: AttributeResNet, teachers: Sequence[AttributeResNet] = (),
                  inputs: Sequence[nn.Module] | None = None) -> None:
@@ -115,6 +121,8 @@ class SelectiveAmalgamation(Method):
                             and (self.routing.sum(1) == 1).all())
         self.heads = [t.attributes.index(attribute) for t in teachers]  # any head, not only the first
         self.feature_loss = feature_loss
+        # a batch may route no image to a source net: its bridges then get no gradient
+        self.idle_parameters = self.one_hot and feature_loss
         self.student_taps = FeatureTaps(student)
         self.teacher_taps = [FeatureTaps(t) for t in self.teachers]
         if feature_loss:
@@ -164,7 +172,15 @@ class SelectiveAmalgamation(Method):
                        f_student: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """One-hot routing: source net i runs on its chunk of the sorted batch only, and each
         tap's terms ``MSE(C_i f, S_i F_i)`` (the plain MSE over the chunk) come from one
-        :func:`~kamal_attr.losses.bridged_mse`."""
+        :func:`~kamal_attr.losses.bridged_mse`. On W processes each term is weighed by
+        the chunk's size over its mean size over the processes (all processes' chunks
+        together make the batch one process would take): DDP's average of the gradients
+        is then that of the MSE over all of them, as in one process."""
+        share = None  # one process: every weight is 1
+        if rank_and_world()[1] > 1:
+            local = torch.tensor(counts, dtype=torch.float32)  # made on the CPU: no wait
+            local = local.to(images.device, non_blocking=True)
+            share = local / mean_over_processes(local).clamp_min(1e-12)
         losses = {"logit": images.new_zeros(())}
         taught: list[list[torch.Tensor] | None] = []  # each source net's taps, None if idle
         for i, (teacher, x, z) in enumerate(zip(self.teachers, images.split(counts),
@@ -175,20 +191,27 @@ class SelectiveAmalgamation(Method):
             with torch.no_grad():
                 z_teacher = teacher(self.teacher_inputs[i](x))[:, self.heads[i]]
                 taught.append(self.teacher_taps[i].features())
-            losses["logit"] = losses["logit"] + F.mse_loss(z, z_teacher)
+            term = F.mse_loss(z, z_teacher)
+            losses["logit"] = losses["logit"] + (term if share is None else term * share[i])
         if self.feature_loss:
             for b, tap in enumerate(TAP_LAYERS):
                 terms = [(component.convs[b], None if f is None else f[b], source.convs[b])
                          for component, source, f in zip(self.component_bridges,
                                                          self.source_bridges, taught)]
-                losses[f"feature/{tap}"] = bridged_mse(f_student[b], counts, terms).sum()
+                per_term = bridged_mse(f_student[b], counts, terms)
+                losses[f"feature/{tap}"] = (per_term if share is None else per_term * share).sum()
         return losses
 
     def _weighted_losses(self, images: torch.Tensor, rows: torch.Tensor, z_student: torch.Tensor,
                          f_student: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Weighted routing (averaging): every source net sees the whole batch; its term is
-        ``sum_x w_xi MSE_x / sum_x w_xi``, on the same scale as a one-hot source net's."""
-        weights = (rows / rows.sum(0).clamp_min(1e-12)).to(images.device, non_blocking=True)
+        ``sum_x w_xi MSE_x / sum_x w_xi``, on the same scale as a one-hot source net's. On W
+        processes the denominator is the mean of the processes' sums (as for one-hot)."""
+        if rank_and_world()[1] == 1:
+            weights = (rows / rows.sum(0).clamp_min(1e-12)).to(images.device, non_blocking=True)
+        else:
+            rows = rows.to(images.device, non_blocking=True)
+            weights = rows / mean_over_processes(rows.sum(0)).clamp_min(1e-12)
         losses = {"logit": images.new_zeros(())}
         if self.feature_loss:
             losses.update({f"feature/{tap}": images.new_zeros(()) for tap in TAP_LAYERS})

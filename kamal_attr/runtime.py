@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from . import KamalError
-from .celeba import CelebA, CelebAError, device_views, drawing_version, find_celeba, list_digest
+from .celeba import (CelebA, CelebAError, device_views, drawing_version, find_celeba,
+                     list_digest, pixel_statistics)
 from .config import RunConfig
 from .distributed import barrier, init_distributed, is_main_process, rank_and_world
 from .imagecache import build_cache, cache_file
@@ -53,12 +54,23 @@ def setup_logging(log_dir: Path) -> None:
 def start(cfg: RunConfig, independent: bool = False) -> None:
     """What every script does before its work: join torchrun's processes if started by it
     (``cfg.device`` becomes this process's GPU; ``independent``: no process group, see
-    :func:`~kamal_attr.distributed.init_distributed`), set up the logs, and let cuDNN
-    pick the fastest kernels for the fixed input size (``cudnn.benchmark``)."""
+    :func:`~kamal_attr.distributed.init_distributed`), set up the logs and the GPU."""
     cfg.device = init_distributed(cfg.device, cfg.batch_size, independent)
     setup_logging(cfg.log_dir)
-    if torch.device(cfg.device).type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    configure_device(torch.device(cfg.device))
+
+
+def configure_device(device: torch.device) -> None:
+    """On a GPU: make ``device`` the current one (synchronisation and pinned memory then
+    use it, also for ``--device cuda:1`` without torchrun), let cuDNN pick the fastest
+    kernels for the fixed input size (``cudnn.benchmark``), and keep float32 convolutions
+    in float32 (cuDNN's default TF32 would round the float32 passes of routing and
+    evaluation, and ``--fp32`` training, to 10-bit mantissas)."""
+    if device.type != "cuda":
+        return
+    torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def seed_everything(seed: int) -> None:
@@ -153,6 +165,7 @@ class DeviceBatches:
     def __init__(self, loader: DataLoader, device: torch.device, image_size: int) -> None:
         self.loader, self.device, self.image_size = loader, device, image_size
         self.sampler, self.dataset = loader.sampler, loader.dataset
+        self.statistics = pixel_statistics(device)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -163,7 +176,7 @@ class DeviceBatches:
             images = images.to(self.device, non_blocking=True)
             if len(batch) == 4:
                 images = device_views(images, batch[3].to(self.device, non_blocking=True),
-                                      self.image_size)
+                                      self.image_size, self.statistics)
             else:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, labels.to(self.device, non_blocking=True), index

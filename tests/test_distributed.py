@@ -114,6 +114,49 @@ def test_a_source_net_idle_in_one_process(tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+def stage1_gradients(rank: int, world: int, out: str, port: str) -> None:
+    """One stage-1 step on 8 images, by 1 process or by 2 (4 images each), with one-hot and
+    with weighted routing that give the two processes unequal shares of each source net;
+    the student's BatchNorm uses its running statistics, so that images do not interact."""
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    one_hot = torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 2 + [[1.0, 0.0]] + [[0.0, 1.0]] * 2)
+    weighted = torch.tensor([[0.9, 0.1]] * 4 + [[0.2, 0.8]] * 3 + [[0.5, 0.5]])
+    torch.manual_seed(1)
+    images = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    mine = slice(4 * rank, 4 * rank + 4) if world > 1 else slice(0, 8)
+    grads = {}
+    for name, routing in (("one-hot", one_hot), ("weighted", weighted)):
+        torch.manual_seed(0)
+        method = SelectiveAmalgamation(AttributeResNet(["Bangs"], 16),
+                                       [AttributeResNet(["Bangs"], 8) for _ in range(2)], "Bangs",
+                                       routing).to(memory_format=torch.channels_last).train()
+        for m in method.student.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        step_module = wrap(method, torch.device("cpu"))
+        parts = step_module(images[mine], None, torch.arange(8)[mine])
+        torch.stack(list(parts.values())).sum().backward()
+        grads[name] = {k: p.grad for k, p in method.named_parameters() if p.grad is not None}
+    torch.save(grads, Path(out) / f"stage1_{world}_{rank}.pt")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def test_stage1_on_two_processes_takes_each_source_nets_mean_over_all_images(tmp_path):
+    """Each process weighs a source net's MSE over its own images by its share of that
+    source net's images in the batch: the gradients DDP averages are one process's, also
+    when the processes have unequal shares (3 and 1 images of a source net)."""
+    stage1_gradients(0, 1, str(tmp_path), "")
+    torch.multiprocessing.spawn(stage1_gradients, nprocs=2, args=(2, str(tmp_path), "29547"))
+    one, two = (torch.load(tmp_path / f"stage1_{w}_0.pt", weights_only=True) for w in (1, 2))
+    for routing in one:
+        assert one[routing].keys() == two[routing].keys()
+        for k, g in one[routing].items():
+            assert torch.allclose(two[routing][k], g, rtol=1e-4, atol=1e-6), f"{routing}: {k}"
+
+
 def test_one_net_on_two_processes_is_written_once(tmp_path, synthetic_root):
     args = ["--target_attribute", "Black_Hair", "--source_id", "1", "--data_root",
             str(synthetic_root), "--epochs", "2", "--width", "4", "--pretrained", "none",
