@@ -328,8 +328,9 @@ def pixel_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """ImageNet's mean and std on the 0-255 scale, ``(1, 3, 1, 1)`` float32 on ``device``:
     made once per loader, since a tensor built from Python numbers on a GPU is a copy the
     host waits for, and the views of every batch use them."""
-    return tuple(torch.tensor(v).view(1, 3, 1, 1).mul(255).to(device)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1).mul(255).to(device)
                  for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return mean, std
 
 
 def device_views(pixels: torch.Tensor, boxes: torch.Tensor, image_size: int,

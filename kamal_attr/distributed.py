@@ -78,11 +78,15 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
     method's ``forward`` is its ``forward_train``. ``find_unused_parameters`` where the
     method says a step may leave parameters without gradient (``idle_parameters``: stage 1,
     where a batch may route no image to some source net, whose bridges then get none);
-    elsewhere DDP would walk the graph after every forward for nothing. No
+    elsewhere DDP would walk the graph after every forward for nothing. Sets the module's
+    ``across_processes``: a method may then exchange figures with the other processes in
+    its steps (stage 1: each source net's images), which only DDP's steps run on all of
+    them alike. No
     ``device_ids``: the module is on its device already, and DDP would otherwise copy the
     batch's CPU-side index to the GPU (and each step would wait to read it back)."""
     if rank_and_world()[1] == 1:
         return module
+    module.across_processes = True  # its loss terms are averaged with the other processes'
     return nn.parallel.DistributedDataParallel(
         module, device_ids=None, find_unused_parameters=getattr(module, "idle_parameters", True))
 

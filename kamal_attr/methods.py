@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import mean_over_processes, rank_and_world
+from .distributed import mean_over_processes
 from .losses import TransferBridge, bridged_mse, per_sample_mse, unit_norm_penalty
 from .models import TAP_LAYERS, AttributeResNet, FeatureTaps, fold_batchnorm
 
@@ -30,9 +30,12 @@ class Method(nn.Module):
     """Base class: a student plus frozen ``teachers`` kept in eval mode by ``train()``.
 
     ``idle_parameters``: whether a training step may leave some parameters without a
-    gradient (``DistributedDataParallel`` must then look for them)."""
+    gradient (``DistributedDataParallel`` must then look for them). ``across_processes``:
+    set by :func:`~kamal_attr.distributed.wrap` when every process runs the same steps on
+    its part of each batch (DDP), so that a step may exchange figures with the others."""
 
     idle_parameters = False
+    across_processes = False
 
     def __init__(self, student: AttributeResNet, teachers: Sequence[AttributeResNet] = (),
                  inputs: Sequence[nn.Module] | None = None) -> None:
@@ -177,7 +180,7 @@ class SelectiveAmalgamation(Method):
         together make the batch one process would take): DDP's average of the gradients
         is then that of the MSE over all of them, as in one process."""
         share = None  # one process: every weight is 1
-        if rank_and_world()[1] > 1:
+        if self.across_processes:
             local = torch.tensor(counts, dtype=torch.float32)  # made on the CPU: no wait
             local = local.to(images.device, non_blocking=True)
             share = local / mean_over_processes(local).clamp_min(1e-12)
@@ -207,7 +210,7 @@ class SelectiveAmalgamation(Method):
         """Weighted routing (averaging): every source net sees the whole batch; its term is
         ``sum_x w_xi MSE_x / sum_x w_xi``, on the same scale as a one-hot source net's. On W
         processes the denominator is the mean of the processes' sums (as for one-hot)."""
-        if rank_and_world()[1] == 1:
+        if not self.across_processes:
             weights = (rows / rows.sum(0).clamp_min(1e-12)).to(images.device, non_blocking=True)
         else:
             rows = rows.to(images.device, non_blocking=True)

@@ -68,7 +68,8 @@ def configure_device(device: torch.device) -> None:
     evaluation, and ``--fp32`` training, to 10-bit mantissas)."""
     if device.type != "cuda":
         return
-    torch.cuda.set_device(device)
+    if device.index is not None:  # plain "cuda" is the current device already
+        torch.cuda.set_device(device)
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = False
 

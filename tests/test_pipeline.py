@@ -249,3 +249,21 @@ def test_an_epoch_that_was_not_saved_lists_those_that_were(trained):
                                          r"has epochs 1: pass one with --sorce_saveEpoch"):
         train.main(train.get_args_parser().parse_args(with_value("--sorce_saveEpoch", "2")
                                                       + ["--stage", "component"]))
+
+
+@pytest.mark.parametrize("name, current", [("cuda", []), ("cuda:1", [torch.device("cuda:1")]),
+                                           ("cpu", [])])
+def test_configure_device_makes_a_named_gpu_current_and_float32_exact(monkeypatch, name, current):
+    """``--device cuda:1`` becomes the current GPU (synchronisation and pinned memory use
+    it); plain ``cuda`` is the current one already (``set_device`` refuses a device without
+    an index); on a GPU cuDNN picks kernels by timing and TF32 is off. (No GPU needed: the
+    calls are recorded.)"""
+    from kamal_attr.runtime import configure_device
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    configure_device(torch.device(name))
+    assert made_current == current
+    gpu = name != "cpu"
+    assert torch.backends.cudnn.benchmark is gpu and torch.backends.cudnn.allow_tf32 is not gpu
