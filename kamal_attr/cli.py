@@ -6,6 +6,7 @@ import sys
 from typing import Callable, NoReturn
 
 from . import KamalError
+from .distributed import leave_group
 
 
 def one_line(error: BaseException) -> str:
@@ -18,9 +19,11 @@ def one_line(error: BaseException) -> str:
 
 
 def run(main: Callable[[], None]) -> None:
-    """Call ``main``; a :class:`KamalError` (bad files or flags) exits 2 with ``error: ...``."""
+    """Call ``main``; a :class:`KamalError` (bad files or flags) exits 2 with ``error: ...``.
+    After a run under torchrun, the process leaves its group (NCCL warns at exit otherwise)."""
     try:
         main()
+        leave_group()
     except KamalError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
