@@ -255,3 +255,47 @@ def test_stage_gradients_are_bitwise_those_of_the_plain_formulation(stage, batch
     assert not differ, f"gradients differ from the plain formulation: {differ[:4]}"
     if stage == "stage 1":  # the idle source net's bridges are left out, as before
         assert all(new[n] is None for n in new if n.startswith("component_bridges.2."))
+
+
+def test_every_stage_trains_and_predicts_under_bf16_autocast(monkeypatch):
+    """The GPU's mixed precision, on the CPU's bf16 autocast (the training loop's own code,
+    its autocast pointed at the CPU): every stage's step runs (stage 1 with one-hot and with
+    weighted routing), its loss parts are finite float32, every parameter that takes part
+    gets a float32 gradient, and predictions come out float32."""
+    import contextlib
+
+    import kamal_attr.engine as engine
+    monkeypatch.setattr(engine, "autocast", lambda device, bf16: torch.autocast(
+        "cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext())
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 2, (4, 2)), torch.arange(4) + 4 * k)
+               for k in range(2)]
+    one_hot = torch.tensor([[1.0, 0.0], [0.0, 1.0]] * 4)
+    weighted = torch.tensor([[0.7, 0.3]] * 8)
+
+    def stage1(routing):
+        return SelectiveAmalgamation(AttributeResNet(["Bangs"], 16),
+                                     [AttributeResNet(["Bangs", "Smiling"], 16) for _ in range(2)],
+                                     "Bangs", routing)
+    methods = {"source": SourceTraining(AttributeResNet(["Bangs", "Smiling"], 16)),
+               "stage 1, one-hot": stage1(one_hot), "stage 1, weighted": stage1(weighted),
+               "stage 2": TargetAmalgamation(AttributeResNet(["Bangs", "Smiling"], 16),
+                                             [AttributeResNet([a], 16) for a in ["Bangs", "Smiling"]])}
+    for name, method in methods.items():
+        engine.place(method, cpu)
+        optimizer = engine.build_optimizer(method.parameter_groups(1e-3),
+                                           engine.OptimConfig("adam", 1e-3))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            parts = method.train()(*batches[0])
+        assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in parts.values()), name
+        dtypes = []  # of the student's logits in the loop's steps: bf16 if autocast was on
+        hook = method.student.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+        stats = engine.train_one_epoch(method, batches, optimizer, cpu, 1, bf16=True)
+        hook.remove()
+        assert dtypes == [torch.bfloat16] * 2, name
+        assert all(torch.isfinite(torch.tensor(v)) for v in stats.values()), name
+        grads = [p.grad for p in method.parameters() if p.requires_grad and p.grad is not None]
+        assert grads and all(g.dtype == torch.float32 and g.isfinite().all() for g in grads), name
+        (logits,), _ = engine.predict_many([method.student], batches, cpu, bf16=True)
+        assert logits.dtype == torch.float32 and logits.shape[0] == 8, name
