@@ -95,11 +95,7 @@ class AttributeResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = torch.flatten(self.avgpool(x), 1)
-        # The heads in float32 under autocast too: bf16 logits (8-bit mantissas) would blur
-        # the logit loss's targets and tie close calls, which argmax gives to class 0.
-        with torch.autocast(x.device.type, enabled=False):
-            logits = self.heads(x.float())
-        return logits.view(x.shape[0], len(self.attributes), 2)
+        return self.heads(x).view(x.shape[0], len(self.attributes), 2)
 
 
 def fold_batchnorm(net: AttributeResNet) -> AttributeResNet:
