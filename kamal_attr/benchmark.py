@@ -253,8 +253,11 @@ def main(argv: list[str] | None = None) -> int:
           f"({args.rounds} interleaved rounds, median):")
     steps = measure_steps(device, size, width, target_width, batch, bf16, args.rounds,
                           per_round=5 if demo else 2, compiled=args.compile)
-    for k in ("source net", "plain student", "stage 1", "stage 1, logits only", "plain target",
-              "stage 2", "stage 2, logits only") + tuple(f"{k}, compiled" for k in STAGES) * args.compile:
+    shown = ["source net", "plain student", "stage 1", "stage 1, logits only", "plain target",
+             "stage 2", "stage 2, logits only"]
+    if args.compile:
+        shown += [f"{name}, compiled" for name in STAGES]
+    for k in shown:
         print(f"  {k:20s} {steps[k]:8.0f} img/s")
 
     with tempfile.TemporaryDirectory() as tmp:
