@@ -343,21 +343,25 @@ def device_views(pixels: torch.Tensor, boxes: torch.Tensor, image_size: int,
     coordinates, negated for a flip) and one bilinear ``grid_sample`` resamples the whole
     batch; returns ``(B, 3, S, S)`` float32, ImageNet-normalised (``statistics``: those of
     :func:`pixel_statistics` on the device, made here if not given), channels-last.
+
+    Always in float32, also inside autocast (validation reads its batches there): autocast
+    would compute affine_grid's grid in bf16, up to half a stored pixel off.
     """
     batch, height, width, _ = pixels.shape
-    images = pixels.permute(0, 3, 1, 2).float()
-    top, left, h, w, flip = boxes.float().unbind(1)
-    theta = torch.zeros(batch, 2, 3, device=pixels.device)
-    theta[:, 0, 0] = w / width * (1 - 2 * flip)
-    theta[:, 0, 2] = (2 * left + w) / width - 1
-    theta[:, 1, 1] = h / height
-    theta[:, 1, 2] = (2 * top + h) / height - 1
-    grid = torch.nn.functional.affine_grid(theta, [batch, 3, image_size, image_size],
-                                           align_corners=False)
-    out = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border",
-                                          align_corners=False)
-    mean, std = statistics if statistics is not None else pixel_statistics(out.device)
-    return ((out - mean) / std).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(pixels.device.type, enabled=False):
+        images = pixels.permute(0, 3, 1, 2).float()
+        top, left, h, w, flip = boxes.float().unbind(1)
+        theta = torch.zeros(batch, 2, 3, device=pixels.device)
+        theta[:, 0, 0] = w / width * (1 - 2 * flip)
+        theta[:, 0, 2] = (2 * left + w) / width - 1
+        theta[:, 1, 1] = h / height
+        theta[:, 1, 2] = (2 * top + h) / height - 1
+        grid = torch.nn.functional.affine_grid(theta, [batch, 3, image_size, image_size],
+                                               align_corners=False)
+        out = torch.nn.functional.grid_sample(images, grid, mode="bilinear",
+                                              padding_mode="border", align_corners=False)
+        mean, std = statistics if statistics is not None else pixel_statistics(out.device)
+        return ((out - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 class CelebA(Dataset):

@@ -62,6 +62,21 @@ def test_eval_views_match_at_other_sizes(synthetic_root, tmp_path, size):
         assert diff.mean() < limit, f"{size} px, image {index}: eval views differ by {diff.mean():.4f}"
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_device_views_ignore_autocast(cached, synthetic_root, train):
+    """Validation reads its batches inside bf16 autocast (``predict_many``): the views must
+    still be cut in float32 (autocast would put affine_grid's bmm, the sampling grid, in
+    bf16, off by up to half a stored pixel)."""
+    fast = CelebA(synthetic_root, "train", ATTRS, image_size=32, train=train, cache_dir=cached.parent)
+    fast.set_epoch(3, seed=7)
+    items = [fast[i] for i in range(4)]
+    pixels, boxes = torch.stack([item[0] for item in items]), torch.stack([item[3] for item in items])
+    plain = device_views(pixels, boxes, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = device_views(pixels, boxes, 32)
+    assert under_autocast.dtype == torch.float32 and torch.equal(under_autocast, plain)
+
+
 def test_a_flipped_box_mirrors_the_view(cached):
     pixels = torch.from_numpy(np.array(open_cache(cached, 54)[:2]))
     box = torch.tensor([[2.0, 3.0, 30.0, 28.0, 0.0], [2.0, 3.0, 30.0, 28.0, 1.0]])
