@@ -260,8 +260,9 @@ def test_stage_gradients_are_bitwise_those_of_the_plain_formulation(stage, batch
 def test_every_stage_trains_and_predicts_under_bf16_autocast(monkeypatch):
     """The GPU's mixed precision, on the CPU's bf16 autocast (the training loop's own code,
     its autocast pointed at the CPU): every stage's step runs (stage 1 with one-hot and with
-    weighted routing), its loss parts are finite float32, every parameter that takes part
-    gets a float32 gradient, and predictions come out float32."""
+    weighted routing) with its convolutions in bf16 and its heads in float32, its loss parts
+    are finite float32, every parameter that takes part gets a float32 gradient, and
+    predictions come out float32."""
     import contextlib
 
     import kamal_attr.engine as engine
@@ -289,11 +290,13 @@ def test_every_stage_trains_and_predicts_under_bf16_autocast(monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             parts = method.train()(*batches[0])
         assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in parts.values()), name
-        dtypes = []  # of the student's logits in the loop's steps: bf16 if autocast was on
-        hook = method.student.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+        dtypes = []  # the student's last features and logits in the loop's steps
+        hooks = [m.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+                 for m in (method.student.layer4, method.student)]
         stats = engine.train_one_epoch(method, batches, optimizer, cpu, 1, bf16=True)
-        hook.remove()
-        assert dtypes == [torch.bfloat16] * 2, name
+        for hook in hooks:
+            hook.remove()
+        assert dtypes == [torch.bfloat16, torch.float32] * 2, name
         assert all(torch.isfinite(torch.tensor(v)) for v in stats.values()), name
         grads = [p.grad for p in method.parameters() if p.requires_grad and p.grad is not None]
         assert grads and all(g.dtype == torch.float32 and g.isfinite().all() for g in grads), name
