@@ -254,6 +254,13 @@ def check_device(name: str) -> str:
     return name
 
 
+def cache_root(save_root: str | None, cache_dir: str | None) -> Path:
+    """Where decoded-image caches live: ``cache_dir`` (default ``data/cache``) under
+    ``save_root`` or the repository, as every output flag; the same in the scripts and in
+    ``python -m kamal_attr.imagecache``, so that a cache built there is found."""
+    return (Path(save_root) if save_root else REPO_ROOT) / (cache_dir or "data/cache")
+
+
 def resolve_config(args: argparse.Namespace) -> RunConfig:
     """Fill unset flags from the preset and resolve paths; validate values."""
     preset = DEMO if args.demo else REAL
@@ -299,7 +306,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         workers=get("workers", preset.workers if preset.workers is not None else default_workers()),
         arch=get("arch", "resnet18"),
         target_arch=get("target_arch", "resnet18"),
-        cache_dir=base / (getattr(args, "cache_dir", None) or "data/cache"),
+        cache_dir=cache_root(args.save_root, getattr(args, "cache_dir", None)),
         use_cache=not getattr(args, "no_cache", False),
         bf16=device_type == "cuda" and not getattr(args, "fp32", False),
         pretrained=get("pretrained", preset.pretrained),

@@ -18,9 +18,13 @@ temporary name and renamed when complete. Nothing is written into the data folde
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import logging
 import multiprocessing
 import os
+import shutil
+import socket
 from pathlib import Path
 from typing import Sequence
 
@@ -28,9 +32,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .celeba import cache_path, find_celeba, load_image, open_cache, read_attribute_list
+from .celeba import (CelebAError, cache_path, find_celeba, load_image, open_cache,
+                     read_attribute_list)
 
 log = logging.getLogger("kamal_attr")
+#: Images a decoding worker writes per job (the progress bar's step).
+ROWS_PER_JOB = 256
 
 
 def cache_file(data_root: str | Path, image_size: int, cache_dir: str | Path) -> Path:
@@ -39,12 +46,57 @@ def cache_file(data_root: str | Path, image_size: int, cache_dir: str | Path) ->
     return cache_path(layout, read_attribute_list(layout.attr_file)[0][0], image_size, cache_dir)[0]
 
 
-def _decode(job: tuple[Path, int, int]) -> np.ndarray:
-    path, height, width = job
+def _decode(path: Path, size: tuple[int, int], height: int, width: int) -> np.ndarray:
+    """One image as ``(height, width, 3)`` uint8; refused if it is not ``size`` (W, H)."""
     image = load_image(path)
-    if image.size != (width, height):
+    if image.size != size:
+        raise CelebAError(f"{path} is {image.size[0]}x{image.size[1]}, the list's first image "
+                          f"{size[0]}x{size[1]}: the decoded-image cache holds images of one "
+                          "size; without it, training reads the JPEGs")
+    if size != (width, height):
         image = image.resize((width, height), Image.BILINEAR, reducing_gap=None)
     return np.asarray(image, dtype=np.uint8)
+
+
+def _decode_rows(job: tuple[Path, int, list[Path], tuple[int, int]]) -> int:
+    """Decode ``paths`` into the rows from ``start`` of the cache being written at ``tmp``;
+    returns how many. Each worker writes its own rows: no image travels back to the parent,
+    so memory stays flat however far the workers run ahead of the progress bar."""
+    tmp, start, paths, size = job
+    out = np.load(tmp, mmap_mode="r+")
+    for i, path in enumerate(paths):
+        out[start + i] = _decode(path, size, *out.shape[1:3])
+    out.flush()
+    return len(paths)
+
+
+def _partial_prefix(path: Path) -> str:
+    """Start of the name a build writes ``path`` under: ``<name>.partial-<host>-``, then its
+    process id; a leftover is recognised (and known dead) by host and process id."""
+    return f"{path.name}.partial-{socket.gethostname()}-"
+
+
+def _remove_abandoned(path: Path) -> None:
+    """Remove the unfinished files of ``path`` left by builds on this host whose process is
+    gone (killed, or out of memory or disk, where no ``finally`` runs): ours by name, and
+    no process can write them any more. Up to 23.6 GB each for CelebA."""
+    prefix = _partial_prefix(path)
+    for tmp in path.parent.glob(glob.escape(prefix) + "*"):
+        pid = tmp.name[len(prefix):]
+        if pid.isdigit() and not _running(int(pid)):
+            log.info("removing %s, left by an interrupted build (%.1f GB)", tmp,
+                     tmp.stat().st_size / 1e9)
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def build_cache(data_root: str | Path, image_size: int, cache_dir: str | Path,
@@ -58,27 +110,33 @@ def build_cache(data_root: str | Path, image_size: int, cache_dir: str | Path,
         open_cache(path, len(names))
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    jobs = [(layout.image_dir / n, height, width) for n in names]
-    workers = workers or len(os.sched_getaffinity(0))
-    log.info("caching %d images of %s at %dx%d in %s (%d workers)", len(names), data_root,
-             height, width, path, workers)
+    _remove_abandoned(path)
+    size = len(names) * height * width * 3
+    free = shutil.disk_usage(path.parent).free
+    if free < size:
+        raise CelebAError(f"{path.parent} has {free / 1e9:.1f} GB free; the decoded-image cache "
+                          f"of {data_root} needs {size / 1e9:.1f} GB: free space, or pass "
+                          "--cache_dir on another disk")
+    with Image.open(layout.image_dir / names[0]) as first:
+        first_size = first.size
+    tmp = path.with_name(_partial_prefix(path) + str(os.getpid()))
+    jobs = [(tmp, start, [layout.image_dir / n for n in names[start:start + ROWS_PER_JOB]],
+             first_size) for start in range(0, len(names), ROWS_PER_JOB)]
+    workers = min(workers or len(os.sched_getaffinity(0)), len(jobs))
+    log.info("caching %d images of %s at %dx%d in %s (%.1f GB, %d workers)", len(names),
+             data_root, height, width, path, size / 1e9, workers)
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                        shape=(len(names), height, width, 3))
-        bar = tqdm(total=len(jobs), desc="decoding images", unit="img", disable=None)
-        if workers > 1:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                for i, pixels in enumerate(pool.imap(_decode, jobs, chunksize=64)):
-                    out[i] = pixels
-                    bar.update()
-        else:
-            for i, job in enumerate(jobs):
-                out[i] = _decode(job)
-                bar.update()
-        bar.close()
-        out.flush()
-        del out
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                  shape=(len(names), height, width, 3)).flush()
+        with tqdm(total=len(names), desc="decoding images", unit="img", disable=None) as bar, \
+                contextlib.ExitStack() as stack:
+            if workers > 1:
+                pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers))
+                done = pool.imap_unordered(_decode_rows, jobs)
+            else:
+                done = map(_decode_rows, jobs)
+            for rows in done:
+                bar.update(rows)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # ours: named after this process
@@ -88,19 +146,22 @@ def build_cache(data_root: str | Path, image_size: int, cache_dir: str | Path,
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m kamal_attr.imagecache``: build the cache of one dataset and image size."""
     from .cli import ArgumentParser, run
-    from .config import IMAGE_SIZE, REPO_ROOT, bounded_int
+    from .config import IMAGE_SIZE, REPO_ROOT, bounded_int, cache_root
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_root", default=str(REPO_ROOT / "data" / "CelebA"),
                    help="CelebA folder (default data/CelebA)")
     p.add_argument("--image_size", type=IMAGE_SIZE, default=224,
                    help="input size the cache serves (224; demo 64)")
-    p.add_argument("--cache_dir", default=str(REPO_ROOT / "data" / "cache"),
-                   help="where caches live (default data/cache/)")
+    p.add_argument("--save_root", help="root of the outputs, as given to the scripts "
+                   "(default: the repository)")
+    p.add_argument("--cache_dir", help="where caches live, under --save_root as in the "
+                   "scripts (default data/cache/)")
     p.add_argument("--workers", type=bounded_int(1), default=None,
                    help="decoding processes (default: the cores)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run(lambda: print(build_cache(args.data_root, args.image_size, args.cache_dir, args.workers)))
+    cache_dir = cache_root(args.save_root, args.cache_dir)
+    run(lambda: print(build_cache(args.data_root, args.image_size, cache_dir, args.workers)))
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def ensure_data(cfg: RunConfig) -> None:
     if not path.exists():
         log.info("reading JPEGs with %d loader workers; to read no JPEG per epoch, decode them "
                  "once: python -m kamal_attr.imagecache --data_root %s --image_size %d "
-                 "--cache_dir %s", cfg.workers, cfg.data_root, cfg.image_size, cfg.cache_dir)
+                 "--cache_dir %s", cfg.workers, cfg.data_root, cfg.image_size, cfg.cache_dir.resolve())
 
 
 def data_digest(root: Path) -> str:

@@ -1,10 +1,18 @@
 """The decoded-image cache and the views cut from it on the device."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections import namedtuple
+
 import numpy as np
 import pytest
 import torch
 
 from kamal_attr import KamalError
 from kamal_attr.celeba import CelebA, device_views, open_cache
+from kamal_attr import imagecache
 from kamal_attr.imagecache import build_cache, cache_file
 
 ATTRS = ["Black_Hair", "Smiling"]
@@ -82,6 +90,69 @@ def test_a_flipped_box_mirrors_the_view(cached):
     box = torch.tensor([[2.0, 3.0, 30.0, 28.0, 0.0], [2.0, 3.0, 30.0, 28.0, 1.0]])
     views = device_views(pixels[[0, 0]], box, 32)
     assert torch.allclose(views[1], views[0].flip(-1), atol=1e-5)
+
+
+def test_workers_write_the_same_cache_as_one_process(cached, synthetic_root, tmp_path, monkeypatch):
+    """Each worker decodes its jobs' images into their rows itself (7 jobs on 2 workers)."""
+    monkeypatch.setattr(imagecache, "ROWS_PER_JOB", 8)
+    path = build_cache(synthetic_root, 32, tmp_path, workers=2)
+    assert path.name == cached.name and np.array_equal(np.load(path), np.load(cached))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_an_image_of_another_size_is_refused(synthetic_root, tmp_path):
+    root = tmp_path / "celeba"
+    shutil.copytree(synthetic_root, root)
+    odd = next((root / "img_align_celeba").glob("*.jpg"), None) or next(root.rglob("*.jpg"))
+    from PIL import Image
+    with Image.open(odd) as im:
+        im.resize((100, 120)).save(odd)
+    with pytest.raises(KamalError, match=rf"{odd.name} is 100x120, the list's first image "
+                                         r"178x218: .*holds images of one size"):
+        build_cache(root, 32, tmp_path / "cache", workers=1)
+    assert not list((tmp_path / "cache").iterdir()), "a refused build left a file"
+
+
+def test_an_interrupted_builds_file_is_removed_only_when_its_process_is_gone(
+        synthetic_root, tmp_path):
+    path = cache_file(synthetic_root, 32, tmp_path)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    here = f"{path.name}.partial-{socket.gethostname()}-"
+    kept = [tmp_path / f"{here}{os.getppid()}",  # a running build
+            tmp_path / f"{path.name}.partial-another-host-{gone}",  # another machine's
+            tmp_path / "notes.txt"]
+    for leftover in kept + [tmp_path / f"{here}{gone}"]:
+        leftover.write_bytes(b"x")
+    build_cache(synthetic_root, 32, tmp_path, workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name] + [p.name for p in kept])
+
+
+def test_a_disk_without_room_is_refused_before_writing(synthetic_root, tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(imagecache.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
+    with pytest.raises(KamalError, match=r"has 0.0 GB free; the decoded-image cache .* needs "
+                                         r"0.0 GB: free space, or pass --cache_dir"):
+        build_cache(synthetic_root, 32, tmp_path, workers=1)
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_command_builds_where_the_scripts_look(synthetic_root, tmp_path, monkeypatch):
+    """``--save_root`` and a relative ``--cache_dir`` mean the same folder to
+    ``python -m kamal_attr.imagecache`` as to the scripts, whatever the working folder."""
+    import argparse
+
+    from kamal_attr.config import add_common_args, resolve_config
+    monkeypatch.chdir(tmp_path)
+    flags = ["--save_root", "out", "--cache_dir", "caches"]
+    imagecache.main(["--data_root", str(synthetic_root), "--image_size", "32", "--workers", "1"]
+                    + flags)
+    parser = argparse.ArgumentParser()
+    add_common_args(parser)
+    cfg = resolve_config(parser.parse_args(["--data_root", str(synthetic_root), "--image_size",
+                                            "32", "--device", "cpu"] + flags))
+    assert cache_file(synthetic_root, 32, cfg.cache_dir).exists()
+    assert cfg.cache_dir.resolve() == tmp_path / "out" / "caches"
 
 
 def test_a_foreign_cache_file_is_refused(tmp_path):
