@@ -25,6 +25,7 @@ from torchvision import transforms
 
 from . import KamalError
 from .attributes import CELEBA_ATTRIBUTES, check_attribute
+from .precision import float32_region
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -348,7 +349,7 @@ def device_views(pixels: torch.Tensor, boxes: torch.Tensor, image_size: int,
     would compute affine_grid's grid in bf16, up to half a stored pixel off.
     """
     batch, height, width, _ = pixels.shape
-    with torch.autocast(pixels.device.type, enabled=False):
+    with float32_region(pixels.device.type):
         images = pixels.permute(0, 3, 1, 2).float()
         top, left, h, w, flip = boxes.float().unbind(1)
         theta = torch.zeros(batch, 2, 3, device=pixels.device)

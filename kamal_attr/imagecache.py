@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import fcntl
 import glob
 import logging
 import multiprocessing
 import os
 import shutil
 import socket
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Sequence
 
@@ -46,57 +50,66 @@ def cache_file(data_root: str | Path, image_size: int, cache_dir: str | Path) ->
     return cache_path(layout, read_attribute_list(layout.attr_file)[0][0], image_size, cache_dir)[0]
 
 
-def _decode(path: Path, size: tuple[int, int], height: int, width: int) -> np.ndarray:
-    """One image as ``(height, width, 3)`` uint8; refused if it is not ``size`` (W, H)."""
+#: What a decoding job carries: the file being written, its first row, the images, and the
+#: list's first image with its size (W, H), which every image must have.
+Job = tuple[Path, int, list[Path], Path, tuple[int, int]]
+
+
+def _decode(path: Path, first: Path, size: tuple[int, int], height: int, width: int) -> np.ndarray:
+    """One image as ``(height, width, 3)`` uint8; refused unless it is ``size``, as ``first``."""
     image = load_image(path)
     if image.size != size:
         raise CelebAError(f"{path} is {image.size[0]}x{image.size[1]}, the list's first image "
-                          f"{size[0]}x{size[1]}: the decoded-image cache holds images of one "
-                          "size; without it, training reads the JPEGs")
+                          f"{first.name} {size[0]}x{size[1]}: the decoded-image cache holds "
+                          "images of one size; without it, training reads the JPEGs")
     if size != (width, height):
         image = image.resize((width, height), Image.BILINEAR, reducing_gap=None)
     return np.asarray(image, dtype=np.uint8)
 
 
-def _decode_rows(job: tuple[Path, int, list[Path], tuple[int, int]]) -> int:
-    """Decode ``paths`` into the rows from ``start`` of the cache being written at ``tmp``;
-    returns how many. Each worker writes its own rows: no image travels back to the parent,
-    so memory stays flat however far the workers run ahead of the progress bar."""
-    tmp, start, paths, size = job
+def _decode_rows(job: Job) -> int:
+    """Decode a job's images into their rows of the file being written; returns how many.
+    Each worker writes its own rows through a shared mapping: no image travels back to the
+    parent, so memory stays flat however far the workers run ahead of the progress bar."""
+    tmp, start, paths, first, size = job
     out = np.load(tmp, mmap_mode="r+")
     for i, path in enumerate(paths):
-        out[start + i] = _decode(path, size, *out.shape[1:3])
-    out.flush()
+        out[start + i] = _decode(path, first, size, *out.shape[1:3])
     return len(paths)
 
 
-def _partial_prefix(path: Path) -> str:
-    """Start of the name a build writes ``path`` under: ``<name>.partial-<host>-``, then its
-    process id; a leftover is recognised (and known dead) by host and process id."""
-    return f"{path.name}.partial-{socket.gethostname()}-"
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
+def _no_room(folder: Path, data_root: str | Path, size: int) -> CelebAError:
+    return CelebAError(f"{folder} has {_gigabytes(shutil.disk_usage(folder).free)} free; the "
+                       f"decoded-image cache of {data_root} needs {_gigabytes(size)}: free "
+                       "space, or pass --cache_dir on another disk")
 
 
 def _remove_abandoned(path: Path) -> None:
-    """Remove the unfinished files of ``path`` left by builds on this host whose process is
-    gone (killed, or out of memory or disk, where no ``finally`` runs): ours by name, and
-    no process can write them any more. Up to 23.6 GB each for CelebA."""
-    prefix = _partial_prefix(path)
-    for tmp in path.parent.glob(glob.escape(prefix) + "*"):
-        pid = tmp.name[len(prefix):]
-        if pid.isdigit() and not _running(int(pid)):
-            log.info("removing %s, left by an interrupted build (%.1f GB)", tmp,
-                     tmp.stat().st_size / 1e9)
-            tmp.unlink(missing_ok=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+    """Remove the unfinished files of ``path`` (``<name>.partial-<host>-<pid>``) that no
+    build is writing any more (killed, or out of memory or disk, where no ``finally``
+    runs; up to 23.6 GB each for CelebA). A build holds a lock on its file until it ends,
+    however it ends, so a file of this name, of this user, whose lock can be taken is ours
+    and abandoned; any doubt (another user's, a file system without locks) keeps it."""
+    for tmp in path.parent.glob(glob.escape(path.name) + ".partial-*"):
+        with contextlib.suppress(FileNotFoundError):  # another build removed it first
+            if tmp.stat().st_uid != os.getuid():
+                continue
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # a build holds it (or no locks here): keep it
+                os.close(fd)
+                continue
+            try:
+                log.info("removing %s, left by an interrupted build (%s)", tmp,
+                         _gigabytes(os.fstat(fd).st_size))
+                tmp.unlink()
+            finally:
+                os.close(fd)
 
 
 def build_cache(data_root: str | Path, image_size: int, cache_dir: str | Path,
@@ -112,34 +125,48 @@ def build_cache(data_root: str | Path, image_size: int, cache_dir: str | Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(path)
     size = len(names) * height * width * 3
-    free = shutil.disk_usage(path.parent).free
-    if free < size:
-        raise CelebAError(f"{path.parent} has {free / 1e9:.1f} GB free; the decoded-image cache "
-                          f"of {data_root} needs {size / 1e9:.1f} GB: free space, or pass "
-                          "--cache_dir on another disk")
-    with Image.open(layout.image_dir / names[0]) as first:
-        first_size = first.size
-    tmp = path.with_name(_partial_prefix(path) + str(os.getpid()))
-    jobs = [(tmp, start, [layout.image_dir / n for n in names[start:start + ROWS_PER_JOB]],
-             first_size) for start in range(0, len(names), ROWS_PER_JOB)]
+    if shutil.disk_usage(path.parent).free < size:
+        raise _no_room(path.parent, data_root, size)
+    first = layout.image_dir / names[0]
+    with Image.open(first) as im:
+        first_size = im.size
+    tmp = path.with_name(f"{path.name}.partial-{socket.gethostname()}-{os.getpid()}")
+    jobs: list[Job] = [(tmp, start, [layout.image_dir / n for n in names[start:start + ROWS_PER_JOB]],
+                        first, first_size) for start in range(0, len(names), ROWS_PER_JOB)]
     workers = min(workers or len(os.sched_getaffinity(0)), len(jobs))
-    log.info("caching %d images of %s at %dx%d in %s (%.1f GB, %d workers)", len(names),
-             data_root, height, width, path, size / 1e9, workers)
+    log.info("caching %d images of %s at %dx%d in %s (%s, %d workers)", len(names), data_root,
+             height, width, path, _gigabytes(size), workers)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
+        with contextlib.suppress(OSError):  # held until the build ends: see _remove_abandoned
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                   shape=(len(names), height, width, 3)).flush()
-        with tqdm(total=len(names), desc="decoding images", unit="img", disable=None) as bar, \
-                contextlib.ExitStack() as stack:
-            if workers > 1:
-                pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers))
-                done = pool.imap_unordered(_decode_rows, jobs)
+        try:  # the blocks now, so that a full disk is this error, not a worker's SIGBUS
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise _no_room(path.parent, data_root, size) from None
+            # a file system without fallocate: its blocks are allocated as rows are written
+        with tqdm(total=len(names), desc="decoding images", unit="img", disable=None) as bar:
+            if workers == 1:
+                for rows in map(_decode_rows, jobs):
+                    bar.update(rows)
             else:
-                done = map(_decode_rows, jobs)
-            for rows in done:
-                bar.update(rows)
+                pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+                try:
+                    for rows in pool.map(_decode_rows, jobs):
+                        bar.update(rows)
+                except BrokenProcessPool:
+                    raise CelebAError("a process decoding images died (out of memory?); nothing "
+                                      "was kept: run again with fewer --workers") from None
+                finally:  # on an error, the jobs not started are dropped, not decoded
+                    pool.shutdown(wait=True, cancel_futures=True)
+        os.fsync(fd)  # every worker's rows on disk before the file takes the cache's name
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)  # ours: named after this process
+        tmp.unlink(missing_ok=True)  # ours: created above (O_EXCL)
+        os.close(fd)
     return path
 
 

@@ -22,6 +22,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from . import KamalError
 from .attributes import check_attribute
+from .precision import float32_region
 
 #: The five feature taps of METHOD.md: conv1's output and the four stages.
 TAP_LAYERS: tuple[str, ...] = ("conv1", "layer1", "layer2", "layer3", "layer4")
@@ -95,13 +96,10 @@ class AttributeResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = torch.flatten(self.avgpool(x), 1)
-        kind = x.device.type  # the heads in float32 under autocast too: bf16 logits (8-bit
-        # mantissas) would blur the logit loss's targets and tie close calls, which argmax
-        # gives to class 0 (a "meta" probe, tap_shapes', has no autocast to ask)
-        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-            with torch.autocast(kind, enabled=False):
-                return self.heads(x.float()).view(x.shape[0], len(self.attributes), 2)
-        return self.heads(x).view(x.shape[0], len(self.attributes), 2)
+        # The heads in float32 under autocast too: bf16 logits (8-bit mantissas) would blur
+        # the logit loss's targets and tie close calls, which argmax gives to class 0.
+        with float32_region(x.device.type):
+            return self.heads(x.float()).view(x.shape[0], len(self.attributes), 2)
 
 
 def fold_batchnorm(net: AttributeResNet) -> AttributeResNet:

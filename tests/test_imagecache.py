@@ -1,7 +1,7 @@
 """The decoded-image cache and the views cut from it on the device."""
+import errno
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections import namedtuple
@@ -9,9 +9,10 @@ from collections import namedtuple
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from kamal_attr import KamalError
-from kamal_attr.celeba import CelebA, device_views, open_cache
+from kamal_attr.celeba import CelebA, device_views, find_celeba, open_cache, read_attribute_list
 from kamal_attr import imagecache
 from kamal_attr.imagecache import build_cache, cache_file
 
@@ -103,36 +104,71 @@ def test_workers_write_the_same_cache_as_one_process(cached, synthetic_root, tmp
 def test_an_image_of_another_size_is_refused(synthetic_root, tmp_path):
     root = tmp_path / "celeba"
     shutil.copytree(synthetic_root, root)
-    odd = next((root / "img_align_celeba").glob("*.jpg"), None) or next(root.rglob("*.jpg"))
-    from PIL import Image
+    first, second = read_attribute_list(find_celeba(root).attr_file)[0][:2]
+    odd = find_celeba(root).image_dir / second
     with Image.open(odd) as im:
         im.resize((100, 120)).save(odd)
-    with pytest.raises(KamalError, match=rf"{odd.name} is 100x120, the list's first image "
+    with pytest.raises(KamalError, match=rf"{second} is 100x120, the list's first image {first} "
                                          r"178x218: .*holds images of one size"):
         build_cache(root, 32, tmp_path / "cache", workers=1)
     assert not list((tmp_path / "cache").iterdir()), "a refused build left a file"
 
 
-def test_an_interrupted_builds_file_is_removed_only_when_its_process_is_gone(
+def test_a_dead_worker_stops_the_build_with_nothing_left(synthetic_root, tmp_path, monkeypatch):
+    """A decoding process killed (out of memory) ends the build with an error, not a hang."""
+    decode = imagecache._decode
+
+    def dies_on_the_second_job(path, *args):
+        if path.name == "000009.jpg":
+            os._exit(1)
+        return decode(path, *args)
+    monkeypatch.setattr(imagecache, "ROWS_PER_JOB", 8)
+    monkeypatch.setattr(imagecache, "_decode", dies_on_the_second_job)  # forked workers see it
+    with pytest.raises(KamalError, match="a process decoding images died"):
+        build_cache(synthetic_root, 32, tmp_path, workers=2)
+    assert not list(tmp_path.iterdir())
+
+
+HOLD = """import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_an_interrupted_builds_file_is_removed_only_when_no_build_holds_it(
         synthetic_root, tmp_path):
     path = cache_file(synthetic_root, 32, tmp_path)
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    here = f"{path.name}.partial-{socket.gethostname()}-"
-    kept = [tmp_path / f"{here}{os.getppid()}",  # a running build
-            tmp_path / f"{path.name}.partial-another-host-{gone}",  # another machine's
-            tmp_path / "notes.txt"]
-    for leftover in kept + [tmp_path / f"{here}{gone}"]:
-        leftover.write_bytes(b"x")
+    abandoned, running = (tmp_path / f"{path.name}.partial-{name}" for name in ("a-1", "b-2"))
+    other = tmp_path / "notes.txt"
+    for file in (abandoned, running, other):
+        file.write_bytes(b"x")
+    build = subprocess.Popen([sys.executable, "-c", HOLD, str(running)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert build.stdout.readline() == "locked\n"
+        build_cache(synthetic_root, 32, tmp_path, workers=1)
+    finally:
+        build.kill()
+        build.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, running.name, other.name])
+
+
+def test_another_users_unfinished_file_is_kept(synthetic_root, tmp_path, monkeypatch):
+    path = cache_file(synthetic_root, 32, tmp_path)
+    leftover = tmp_path / f"{path.name}.partial-a-1"
+    leftover.write_bytes(b"x")
+    monkeypatch.setattr(os, "getuid", lambda: leftover.stat().st_uid + 1)
     build_cache(synthetic_root, 32, tmp_path, workers=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name] + [p.name for p in kept])
+    assert leftover.exists()
 
 
 def test_a_disk_without_room_is_refused_before_writing(synthetic_root, tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(imagecache.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
-    with pytest.raises(KamalError, match=r"has 0.0 GB free; the decoded-image cache .* needs "
-                                         r"0.0 GB: free space, or pass --cache_dir"):
+    with pytest.raises(KamalError, match=r"has 0.0 MB free; the decoded-image cache .* needs "
+                                         r"0.3 MB: free space, or pass --cache_dir"):
         build_cache(synthetic_root, 32, tmp_path, workers=1)
     assert not list(tmp_path.iterdir())
 
@@ -153,6 +189,18 @@ def test_the_command_builds_where_the_scripts_look(synthetic_root, tmp_path, mon
                                             "32", "--device", "cpu"] + flags))
     assert cache_file(synthetic_root, 32, cfg.cache_dir).exists()
     assert cfg.cache_dir.resolve() == tmp_path / "out" / "caches"
+
+
+def test_a_disk_that_fills_before_the_build_is_refused_before_decoding(synthetic_root, tmp_path,
+                                                                      monkeypatch):
+    """The blocks are allocated up front: a full disk is an error, not a worker's SIGBUS."""
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    monkeypatch.setattr(imagecache, "_decode_rows", None)  # decoding would fail otherwise
+    with pytest.raises(KamalError, match=r"free; the decoded-image cache .* needs 0.3 MB"):
+        build_cache(synthetic_root, 32, tmp_path, workers=1)
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_foreign_cache_file_is_refused(tmp_path):
