@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import fcntl
 import glob
 import logging
 import multiprocessing
 import os
 import shutil
-import socket
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -88,28 +87,17 @@ def _no_room(folder: Path, data_root: str | Path, size: int) -> CelebAError:
                        "space, or pass --cache_dir on another disk")
 
 
-def _remove_abandoned(path: Path) -> None:
-    """Remove the unfinished files of ``path`` (``<name>.partial-<host>-<pid>``) that no
-    build is writing any more (killed, or out of memory or disk, where no ``finally``
-    runs; up to 23.6 GB each for CelebA). A build holds a lock on its file until it ends,
-    however it ends, so a file of this name, of this user, whose lock can be taken is ours
-    and abandoned; any doubt (another user's, a file system without locks) keeps it."""
-    for tmp in path.parent.glob(glob.escape(path.name) + ".partial-*"):
-        with contextlib.suppress(FileNotFoundError):  # another build removed it first
-            if tmp.stat().st_uid != os.getuid():
-                continue
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:  # a build holds it (or no locks here): keep it
-                os.close(fd)
-                continue
-            try:
-                log.info("removing %s, left by an interrupted build (%s)", tmp,
-                         _gigabytes(os.fstat(fd).st_size))
-                tmp.unlink()
-            finally:
-                os.close(fd)
+def _report_unfinished(path: Path) -> None:
+    """Say where earlier builds of ``path`` left unfinished files (killed, or out of memory
+    or disk, where no ``finally`` runs; up to 23.6 GB each for CelebA). They are not
+    removed: whether a build elsewhere (another process, container or host) still writes
+    one cannot be proved from here."""
+    unfinished = sorted(path.parent.glob(glob.escape(path.name) + ".partial-*"))
+    if unfinished:
+        size = sum(p.lstat().st_size for p in unfinished)
+        log.warning("%d unfinished file(s) of this cache from earlier builds hold %s; remove "
+                    "them if no build is running: %s", len(unfinished), _gigabytes(size),
+                    " ".join(str(p) for p in unfinished))
 
 
 def build_cache(data_root: str | Path, image_size: int, cache_dir: str | Path,
@@ -123,23 +111,21 @@ def build_cache(data_root: str | Path, image_size: int, cache_dir: str | Path,
         open_cache(path, len(names))
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(path)
+    _report_unfinished(path)
     size = len(names) * height * width * 3
     if shutil.disk_usage(path.parent).free < size:
         raise _no_room(path.parent, data_root, size)
     first = layout.image_dir / names[0]
     with Image.open(first) as im:
         first_size = im.size
-    tmp = path.with_name(f"{path.name}.partial-{socket.gethostname()}-{os.getpid()}")
+    fd, name = tempfile.mkstemp(prefix=f"{path.name}.partial-", dir=path.parent)
+    tmp = Path(name)  # ours: mkstemp made it, under a name no other build can take
     jobs: list[Job] = [(tmp, start, [layout.image_dir / n for n in names[start:start + ROWS_PER_JOB]],
                         first, first_size) for start in range(0, len(names), ROWS_PER_JOB)]
     workers = min(workers or len(os.sched_getaffinity(0)), len(jobs))
     log.info("caching %d images of %s at %dx%d in %s (%s, %d workers)", len(names), data_root,
              height, width, path, _gigabytes(size), workers)
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        with contextlib.suppress(OSError):  # held until the build ends: see _remove_abandoned
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                   shape=(len(names), height, width, 3)).flush()
         try:  # the blocks now, so that a full disk is this error, not a worker's SIGBUS
@@ -147,7 +133,9 @@ def build_cache(data_root: str | Path, image_size: int, cache_dir: str | Path,
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise _no_room(path.parent, data_root, size) from None
-            # a file system without fallocate: its blocks are allocated as rows are written
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            # no preallocation here: blocks are allocated as the rows are written
         with tqdm(total=len(names), desc="decoding images", unit="img", disable=None) as bar:
             if workers == 1:
                 for rows in map(_decode_rows, jobs):
@@ -158,14 +146,15 @@ def build_cache(data_root: str | Path, image_size: int, cache_dir: str | Path,
                     for rows in pool.map(_decode_rows, jobs):
                         bar.update(rows)
                 except BrokenProcessPool:
-                    raise CelebAError("a process decoding images died (out of memory?); nothing "
-                                      "was kept: run again with fewer --workers") from None
+                    raise CelebAError("a process decoding images died (out of memory, or of disk "
+                                      f"space in {path.parent}?); nothing was kept: run again, "
+                                      "with fewer --workers if memory ran out") from None
                 finally:  # on an error, the jobs not started are dropped, not decoded
                     pool.shutdown(wait=True, cancel_futures=True)
         os.fsync(fd)  # every worker's rows on disk before the file takes the cache's name
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)  # ours: created above (O_EXCL)
+        tmp.unlink(missing_ok=True)  # ours (mkstemp); gone once renamed
         os.close(fd)
     return path
 

@@ -1,9 +1,8 @@
 """The decoded-image cache and the views cut from it on the device."""
 import errno
+import faulthandler
 import os
 import shutil
-import subprocess
-import sys
 from collections import namedtuple
 
 import numpy as np
@@ -115,53 +114,37 @@ def test_an_image_of_another_size_is_refused(synthetic_root, tmp_path):
 
 
 def test_a_dead_worker_stops_the_build_with_nothing_left(synthetic_root, tmp_path, monkeypatch):
-    """A decoding process killed (out of memory) ends the build with an error, not a hang."""
+    """A decoding process killed (out of memory) ends the build with an error, not a hang
+    (should it hang again, the test process exits after 60 s with every thread's stack)."""
     decode = imagecache._decode
+    second_job = read_attribute_list(find_celeba(synthetic_root).attr_file)[0][8]
 
     def dies_on_the_second_job(path, *args):
-        if path.name == "000009.jpg":
+        if path.name == second_job:
             os._exit(1)
         return decode(path, *args)
     monkeypatch.setattr(imagecache, "ROWS_PER_JOB", 8)
     monkeypatch.setattr(imagecache, "_decode", dies_on_the_second_job)  # forked workers see it
-    with pytest.raises(KamalError, match="a process decoding images died"):
-        build_cache(synthetic_root, 32, tmp_path, workers=2)
+    faulthandler.dump_traceback_later(60, exit=True)
+    try:
+        with pytest.raises(KamalError, match="a process decoding images died"):
+            build_cache(synthetic_root, 32, tmp_path, workers=2)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     assert not list(tmp_path.iterdir())
 
 
-HOLD = """import fcntl, os, sys, time
-fd = os.open(sys.argv[1], os.O_RDWR)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("locked", flush=True)
-time.sleep(60)
-"""
-
-
-def test_an_interrupted_builds_file_is_removed_only_when_no_build_holds_it(
-        synthetic_root, tmp_path):
+def test_an_interrupted_builds_file_is_reported_not_removed(synthetic_root, tmp_path, caplog):
+    """Whether another process, container or host still writes it cannot be proved."""
     path = cache_file(synthetic_root, 32, tmp_path)
-    abandoned, running = (tmp_path / f"{path.name}.partial-{name}" for name in ("a-1", "b-2"))
-    other = tmp_path / "notes.txt"
-    for file in (abandoned, running, other):
-        file.write_bytes(b"x")
-    build = subprocess.Popen([sys.executable, "-c", HOLD, str(running)], stdout=subprocess.PIPE,
-                             text=True)
-    try:
-        assert build.stdout.readline() == "locked\n"
+    leftover = tmp_path / f"{path.name}.partial-x1y2z3"
+    leftover.write_bytes(b"x" * 2000)
+    with caplog.at_level("WARNING", logger="kamal_attr"):
         build_cache(synthetic_root, 32, tmp_path, workers=1)
-    finally:
-        build.kill()
-        build.wait()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, running.name, other.name])
-
-
-def test_another_users_unfinished_file_is_kept(synthetic_root, tmp_path, monkeypatch):
-    path = cache_file(synthetic_root, 32, tmp_path)
-    leftover = tmp_path / f"{path.name}.partial-a-1"
-    leftover.write_bytes(b"x")
-    monkeypatch.setattr(os, "getuid", lambda: leftover.stat().st_uid + 1)
-    build_cache(synthetic_root, 32, tmp_path, workers=1)
-    assert leftover.exists()
+    assert leftover.read_bytes() == b"x" * 2000
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, leftover.name])
+    assert f"1 unfinished file(s) of this cache from earlier builds hold 0.0 MB; remove them " \
+           f"if no build is running: {leftover}" in caplog.text
 
 
 def test_a_disk_without_room_is_refused_before_writing(synthetic_root, tmp_path, monkeypatch):
@@ -197,7 +180,7 @@ def test_a_disk_that_fills_before_the_build_is_refused_before_decoding(synthetic
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "posix_fallocate", full)
-    monkeypatch.setattr(imagecache, "_decode_rows", None)  # decoding would fail otherwise
+    monkeypatch.setattr(imagecache, "_decode_rows", None)  # never reached: refused before
     with pytest.raises(KamalError, match=r"free; the decoded-image cache .* needs 0.3 MB"):
         build_cache(synthetic_root, 32, tmp_path, workers=1)
     assert not list(tmp_path.iterdir())
