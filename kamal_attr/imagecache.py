@@ -87,6 +87,11 @@ def _no_room(folder: Path, data_root: str | Path, size: int) -> CelebAError:
                        "space, or pass --cache_dir on another disk")
 
 
+def _unwritable(folder: Path, error: OSError) -> CelebAError:
+    return CelebAError(f"cannot write the decoded-image cache in {folder} ({error.strerror}): "
+                       "pass --cache_dir a folder you can write")
+
+
 def _report_unfinished(path: Path) -> None:
     """Say where earlier builds of ``path`` left unfinished files (killed, or out of memory
     or disk, where no ``finally`` runs; up to 23.6 GB each for CelebA). They are not
@@ -110,7 +115,10 @@ def build_cache(data_root: str | Path, image_size: int, cache_dir: str | Path,
     if path.exists():
         open_cache(path, len(names))
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(path.parent, e) from None
     _report_unfinished(path)
     size = len(names) * height * width * 3
     if shutil.disk_usage(path.parent).free < size:
@@ -118,7 +126,10 @@ def build_cache(data_root: str | Path, image_size: int, cache_dir: str | Path,
     first = layout.image_dir / names[0]
     with Image.open(first) as im:
         first_size = im.size
-    fd, name = tempfile.mkstemp(prefix=f"{path.name}.partial-", dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"{path.name}.partial-", dir=path.parent)
+    except OSError as e:
+        raise _unwritable(path.parent, e) from None
     tmp = Path(name)  # ours: mkstemp made it, under a name no other build can take
     jobs: list[Job] = [(tmp, start, [layout.image_dir / n for n in names[start:start + ROWS_PER_JOB]],
                         first, first_size) for start in range(0, len(names), ROWS_PER_JOB)]

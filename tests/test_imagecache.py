@@ -186,6 +186,14 @@ def test_a_disk_that_fills_before_the_build_is_refused_before_decoding(synthetic
     assert not list(tmp_path.iterdir())
 
 
+def test_a_cache_folder_that_cannot_be_written_is_one_error_line(synthetic_root, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(KamalError, match=r"cannot write the decoded-image cache in .*file/caches "
+                                         r"\(Not a directory\): pass --cache_dir a folder you can write"):
+        build_cache(synthetic_root, 32, tmp_path / "file" / "caches", workers=1)
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
 def test_a_foreign_cache_file_is_refused(tmp_path):
     path = tmp_path / "x.npy"
     np.save(path, np.zeros((3, 4, 4, 3), np.float32))
