@@ -18,9 +18,11 @@ def one_line(error: BaseException) -> str:
     return str(error)
 
 
-def run(main: Callable[[], None]) -> None:
-    """Call ``main``; a :class:`KamalError` (bad files or flags) exits 2 with ``error: ...``.
-    After a run under torchrun, the process leaves its group (NCCL warns at exit otherwise)."""
+def run(main: Callable[[], None],
+        interrupted: str = "saved epochs are kept: rerun the same command to resume") -> None:
+    """Call ``main``; a :class:`KamalError` (bad files or flags) exits 2 with ``error: ...``,
+    Ctrl-C exits 130 saying what ``interrupted`` left. After a run under torchrun, the
+    process leaves its group (NCCL warns at exit otherwise)."""
     try:
         main()
         leave_group()
@@ -28,8 +30,7 @@ def run(main: Callable[[], None]) -> None:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; saved epochs are kept: rerun the same command to resume",
-              file=sys.stderr)
+        print(f"interrupted; {interrupted}", file=sys.stderr)
         sys.exit(130)
 
 

@@ -188,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cache_dir = cache_root(args.save_root, args.cache_dir)
-    run(lambda: print(build_cache(args.data_root, args.image_size, cache_dir, args.workers)))
+    run(lambda: print(build_cache(args.data_root, args.image_size, cache_dir, args.workers)),
+        interrupted="the unfinished cache was removed: rerun the same command to build it")
 
 
 if __name__ == "__main__":

@@ -194,6 +194,23 @@ def test_a_cache_folder_that_cannot_be_written_is_one_error_line(synthetic_root,
     assert (tmp_path / "file").read_text() == "not a folder"
 
 
+def test_ctrl_c_leaves_no_file_and_says_so(synthetic_root, tmp_path, monkeypatch, capsys):
+    decode_rows = imagecache._decode_rows
+
+    def interrupted_on_the_second_job(job):
+        if job[1] > 0:
+            raise KeyboardInterrupt
+        return decode_rows(job)
+    monkeypatch.setattr(imagecache, "ROWS_PER_JOB", 8)
+    monkeypatch.setattr(imagecache, "_decode_rows", interrupted_on_the_second_job)
+    with pytest.raises(SystemExit) as exit:
+        imagecache.main(["--data_root", str(synthetic_root), "--image_size", "32",
+                         "--cache_dir", str(tmp_path), "--workers", "1"])
+    assert exit.value.code == 130 and not list(tmp_path.iterdir())
+    assert capsys.readouterr().err.strip().endswith(
+        "interrupted; the unfinished cache was removed: rerun the same command to build it")
+
+
 def test_a_foreign_cache_file_is_refused(tmp_path):
     path = tmp_path / "x.npy"
     np.save(path, np.zeros((3, 4, 4, 3), np.float32))
