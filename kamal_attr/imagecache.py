@@ -18,8 +18,8 @@ temporary name and renamed when complete. Nothing is written into the data folde
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
+import functools
 import glob
 import logging
 import multiprocessing
@@ -49,11 +49,6 @@ def cache_file(data_root: str | Path, image_size: int, cache_dir: str | Path) ->
     return cache_path(layout, read_attribute_list(layout.attr_file)[0][0], image_size, cache_dir)[0]
 
 
-#: What a decoding job carries: the file being written, its first row, the images, and the
-#: list's first image with its size (W, H), which every image must have.
-Job = tuple[Path, int, list[Path], Path, tuple[int, int]]
-
-
 def _decode(path: Path, first: Path, size: tuple[int, int], height: int, width: int) -> np.ndarray:
     """One image as ``(height, width, 3)`` uint8; refused unless it is ``size``, as ``first``."""
     image = load_image(path)
@@ -66,11 +61,14 @@ def _decode(path: Path, first: Path, size: tuple[int, int], height: int, width: 
     return np.asarray(image, dtype=np.uint8)
 
 
-def _decode_rows(job: Job) -> int:
-    """Decode a job's images into their rows of the file being written; returns how many.
-    Each worker writes its own rows through a shared mapping: no image travels back to the
-    parent, so memory stays flat however far the workers run ahead of the progress bar."""
-    tmp, start, paths, first, size = job
+def _decode_rows(tmp: Path, first: Path, size: tuple[int, int],
+                 job: tuple[int, list[Path]]) -> int:
+    """Decode a job's images (its first row, its paths) into their rows of the file being
+    written at ``tmp``; every image must be ``size`` (W, H), as the list's ``first``.
+    Returns how many. Each worker writes its own rows through a shared mapping: no image
+    travels back to the parent, so memory stays flat however far the workers run ahead of
+    the progress bar."""
+    start, paths = job
     out = np.load(tmp, mmap_mode="r+")
     for i, path in enumerate(paths):
         out[start + i] = _decode(path, first, size, *out.shape[1:3])
@@ -131,8 +129,8 @@ def build_cache(data_root: str | Path, image_size: int, cache_dir: str | Path,
     except OSError as e:
         raise _unwritable(path.parent, e) from None
     tmp = Path(name)  # ours: mkstemp made it, under a name no other build can take
-    jobs: list[Job] = [(tmp, start, [layout.image_dir / n for n in names[start:start + ROWS_PER_JOB]],
-                        first, first_size) for start in range(0, len(names), ROWS_PER_JOB)]
+    jobs = [(start, [layout.image_dir / n for n in names[start:start + ROWS_PER_JOB]])
+            for start in range(0, len(names), ROWS_PER_JOB)]
     workers = min(workers or len(os.sched_getaffinity(0)), len(jobs))
     log.info("caching %d images of %s at %dx%d in %s (%s, %d workers)", len(names), data_root,
              height, width, path, _gigabytes(size), workers)
@@ -147,14 +145,15 @@ def build_cache(data_root: str | Path, image_size: int, cache_dir: str | Path,
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
             # no preallocation here: blocks are allocated as the rows are written
+        decode = functools.partial(_decode_rows, tmp, first, first_size)
         with tqdm(total=len(names), desc="decoding images", unit="img", disable=None) as bar:
             if workers == 1:
-                for rows in map(_decode_rows, jobs):
+                for rows in map(decode, jobs):
                     bar.update(rows)
             else:
                 pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
                 try:
-                    for rows in pool.map(_decode_rows, jobs):
+                    for rows in pool.map(decode, jobs):
                         bar.update(rows)
                 except BrokenProcessPool:
                     raise CelebAError("a process decoding images died (out of memory, or of disk "

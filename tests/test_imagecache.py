@@ -197,10 +197,10 @@ def test_a_cache_folder_that_cannot_be_written_is_one_error_line(synthetic_root,
 def test_ctrl_c_leaves_no_file_and_says_so(synthetic_root, tmp_path, monkeypatch, capsys):
     decode_rows = imagecache._decode_rows
 
-    def interrupted_on_the_second_job(job):
-        if job[1] > 0:
+    def interrupted_on_the_second_job(tmp, first, size, job):
+        if job[0] > 0:
             raise KeyboardInterrupt
-        return decode_rows(job)
+        return decode_rows(tmp, first, size, job)
     monkeypatch.setattr(imagecache, "ROWS_PER_JOB", 8)
     monkeypatch.setattr(imagecache, "_decode_rows", interrupted_on_the_second_job)
     with pytest.raises(SystemExit) as exit:
