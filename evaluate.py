@@ -7,14 +7,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from kamal_attr.cli import ArgumentParser, run
 from kamal_attr.config import add_amalgamation_args, add_common_args, add_task_args, resolve_config
 from kamal_attr.distributed import is_main_process
-from kamal_attr.evaluation import evaluate_checkpoint, locate_nets, report_task
-from kamal_attr.pool import select_task
+from kamal_attr.evaluation import (check_result_path, evaluate_checkpoint, locate_nets,
+                                   report_task, write_result)
+from kamal_attr.pool import check_task_flags, select_task
 from kamal_attr.runtime import demo_data_needed, ensure_data, start
 
 
@@ -25,7 +25,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_task_args(g)
     g.add_argument("--checkpoint", type=Path, help="instead: any one checkpoint of this project")
     g.add_argument("--split", choices=["train", "val", "test"], default="test")
-    g.add_argument("--json", type=Path, help="also write the result as JSON here")
+    g.add_argument("--json", type=Path, help="also write the result as JSON here (an earlier "
+                   "result of this command there is replaced; any other file is refused)")
     g.add_argument("--by_style", action="store_true",
                    help="synthetic data: also split the source nets' and the min-entropy "
                         "choice's accuracy by photo style")
@@ -36,7 +37,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     cfg = resolve_config(args)
+    check_task_flags(args.target_attribute, args.attributes)
     demo_data_needed(cfg)
+    if args.json:  # before any evaluation: a file that is not ours stops the run now
+        check_result_path(args.json)
     if not args.checkpoint:  # an uncovered attribute or an epoch that was not saved: stop
         task = select_task(args.target_attribute, args.attributes, args.name,  # before writing
                            cfg.sources_root, cfg.source_save_epoch)
@@ -56,10 +60,8 @@ def main(args: argparse.Namespace) -> None:
     mean = {k: sum(r[k] for r in accuracy.values()) / len(accuracy) for k in ("accuracy", "majority")}
     print(f"{'mean'.ljust(width)}  {100 * mean['accuracy']:8.2f}  {100 * mean['majority']:8.2f}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split,
-                                         "accuracy": accuracy}, indent=2))
-        print(f"(written to {args.json})")
+        write_result(args.json, {"checkpoint": str(args.checkpoint), "split": args.split,
+                                 "accuracy": accuracy})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from kamal_attr.cli import run
 from kamal_attr.config import amalgamation_parser, resolve_config
 from kamal_attr.distributed import is_main_process
 from kamal_attr.evaluation import report_task
-from kamal_attr.pool import named_attributes, select_task
+from kamal_attr.pool import check_task_flags, named_attributes, select_task
 from kamal_attr.runtime import demo_data_needed, ensure_data, start
 from kamal_attr.stages import amalgamate, check_teachers
 
@@ -31,10 +31,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     cfg = resolve_config(args)
+    group = check_task_flags(args.target_attribute, args.attributes)
     demo_data_needed(cfg)  # refuses a folder it must not write to, before anything is written
     task = None  # the demo selects it once its teachers exist
     if not cfg.demo:  # an uncovered attribute or a missing teacher stops the run here
-        task = select_task(args.target_attribute, args.attributes, args.name, cfg.sources_root,
+        task = select_task(group, args.attributes, args.name, cfg.sources_root,
                            cfg.source_save_epoch, need_teachers=args.stage != "target")
         if args.stage in ("component", "all"):
             for attribute in task.attributes:
@@ -42,10 +43,10 @@ def main(args: argparse.Namespace) -> None:
     elif args.attributes:  # bad names stop the demo before the data is made
         named_attributes(args.attributes, args.name)
     else:
-        select_task(args.target_attribute, None, args.name, cfg.sources_root, 1)  # group, --name
+        select_task(group, None, args.name, cfg.sources_root, 1)  # group, --name
     start(cfg)
     ensure_data(cfg)
-    task = amalgamate(cfg, args.target_attribute, args.attributes, args.name, args.stage, task=task)
+    task = amalgamate(cfg, group, args.attributes, args.name, args.stage, task=task)
     if cfg.demo and is_main_process():
         report_task(task, cfg, json_path=cfg.log_dir / f"evaluate_{task.name}_{cfg.variant}.json")
 

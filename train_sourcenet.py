@@ -15,7 +15,7 @@ from kamal_attr.attributes import (CELEBA_ATTRIBUTES, SOURCE_NETS, SourceNetSpec
 from kamal_attr.cli import ArgumentParser, run
 from kamal_attr.config import (DEMO, POSITIVE, REAL, WIDTH, add_common_args, learning_rate,
                                resolve_config)
-from kamal_attr.models import ARCHS, describe_init
+from kamal_attr.models import ARCHS, build_model
 from kamal_attr.pool import check_folder_name, discover_pool, format_pool
 from kamal_attr.distributed import leave_group, my_share
 from kamal_attr.runtime import demo_data_needed, ensure_data, setup_logging, start
@@ -26,17 +26,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("which source net")
-    g.add_argument("--target_attribute", default="Black_Hair",
+    g.add_argument("--target_attribute",
                    help="component attribute the source net serves (default Black_Hair)")
-    g.add_argument("--source_id", type=POSITIVE, default=1, help="source id within its group (default 1)")
+    g.add_argument("--source_id", type=POSITIVE, help="source id within its group (default 1)")
     g.add_argument("--all", action="store_true",
                    help="train every source net of --group (of all groups without --group); "
                         "under torchrun each process trains its share of them")
     g.add_argument("--group", choices=["hair", "eye", "face"], help="with --all")
     g.add_argument("--attributes", nargs="+",
                    help="instead: a net on these attributes ('all' = the 40), saved as --name")
-    g.add_argument("--name", default="custom", help="folder name of an --attributes net "
-                   "(saved under --sourcenets_root/custom/NAME)")
+    g.add_argument("--name", help="folder name of an --attributes net (saved under "
+                   "--sourcenets_root/custom/NAME; default custom)")
     g.add_argument("--list_pool", action="store_true",
                    help="print the teacher pool (every source net under --sourcenets_root: "
                         "architecture, width, input size, epoch, val accuracy) and exit")
@@ -69,21 +69,40 @@ def parse_part(text: str | None) -> tuple[int, int] | None:
     return k, parts
 
 
+def selected_nets(args: argparse.Namespace) -> list[SourceNetSpec]:
+    """The nets the flags name: one of the table (``--target_attribute``, ``--source_id``),
+    all of them (``--all``, ``--group``) or one on any ``--attributes`` (``--name``). Flags
+    of one way mixed with another's are refused, not silently ignored."""
+    one = [f for f, v in (("--target_attribute", args.target_attribute),
+                          ("--source_id", args.source_id)) if v is not None]
+    if args.attributes and (one or args.all or args.group):
+        extra = one + ["--all"] * args.all + ["--group"] * bool(args.group)
+        raise KamalError(f"--attributes trains one net on the attributes it names: drop {', '.join(extra)}")
+    if args.name is not None and not args.attributes:
+        raise KamalError(f"--name {args.name} names an --attributes net: add --attributes, or drop --name")
+    if args.all and one:
+        raise KamalError(f"--all trains every source net (of --group): drop {', '.join(one)}")
+    if args.group and not args.all:
+        raise KamalError(f"--group {args.group} picks the nets of --all: add --all, or name one net "
+                         "with --target_attribute and --source_id")
+    if args.attributes:
+        names = CELEBA_ATTRIBUTES if args.attributes == ["all"] else tuple(
+            check_attribute(a) for a in args.attributes)
+        return [SourceNetSpec("custom", 0, tuple(names), label=check_folder_name(args.name or "custom"))]
+    if args.all:
+        return list(source_nets_of(args.group) if args.group else SOURCE_NETS)
+    return [source_net(check_attribute(args.target_attribute or "Black_Hair"), args.source_id or 1)]
+
+
 def main(args: argparse.Namespace) -> None:
     cfg = resolve_config(args)
     if args.list_pool:
         print(format_pool(*discover_pool(cfg.sources_root, cfg.source_save_epoch), cfg.sources_root))
         return
     part = parse_part(args.train_part)
-    if args.attributes:
-        names = CELEBA_ATTRIBUTES if args.attributes == ["all"] else tuple(
-            check_attribute(a) for a in args.attributes)
-        specs = [SourceNetSpec("custom", 0, tuple(names), label=check_folder_name(args.name))]
-    elif args.all:
-        specs = list(source_nets_of(args.group) if args.group else SOURCE_NETS)
-    else:
-        specs = [source_net(check_attribute(args.target_attribute), args.source_id)]
-    describe_init(cfg.pretrained, cfg.width, cfg.weights_dir, cfg.arch)  # missing weights: stop now
+    specs = selected_nets(args)
+    # missing or unreadable ImageNet weights stop the run now, before the data is made
+    build_model(specs[0].attributes, cfg.width, cfg.pretrained, cfg.weights_dir, cfg.arch)
     demo_data_needed(cfg)
     # Under torchrun, --all gives each process whole source nets (they are independent);
     # one net is trained by all processes together (DistributedDataParallel).

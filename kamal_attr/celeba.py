@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from . import KamalError
+from . import KamalError, first_line
 from .attributes import CELEBA_ATTRIBUTES, check_attribute
 from .precision import float32_region
 
@@ -264,16 +264,15 @@ def open_cache(path: Path, num_images: int) -> np.ndarray:
     ``num_images`` images."""
     try:
         images = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise CelebAError(f"image cache {path} cannot be read ({e}); remove it and run "
-                         "python -m kamal_attr.imagecache again") from None
+    except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+        raise CelebAError(f"image cache {path} cannot be read ({first_line(e)}); "
+                          "remove it and run python -m kamal_attr.imagecache again") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != num_images \
             or images.shape[3] != 3:
         raise CelebAError(f"image cache {path} holds {images.dtype} {images.shape}, not "
                          f"{num_images} RGB images; remove it and run "
                          "python -m kamal_attr.imagecache again")
     return images
-
 
 
 class TrainAugment:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -32,22 +33,43 @@ from typing import Any, Mapping
 
 import torch
 
-from . import KamalError
+from . import KamalError, first_line, load_failure
 from .attributes import SourceNetSpec
 from .celeba import IMAGENET_MEAN, IMAGENET_STD
 from .models import AttributeResNet
 
 FORMAT = "kamal_attr/1"
 KINDS = ("source", "component", "target")
+#: The end of :func:`atomic_save`'s temporary files, and the whole name of one left by a kill:
+#: a net's file name, mkstemp's random part, this suffix (nothing else there is removed).
+TMP_SUFFIX = ".kamal_attr.tmp"
+KILLED_WRITE = re.compile(r"(last|epoch_\d+)\.pth\.[^.]+" + re.escape(TMP_SUFFIX))
+
+
+class CheckpointError(KamalError):
+    """A file that cannot be read as one of this project's checkpoints; ``reason`` says why."""
+
+    def __init__(self, path: Path, reason: str,
+                 hint: str = "if it is damaged (a crash, a full disk, a copy cut short), "
+                             "remove or replace it, then rerun") -> None:
+        super().__init__(f"cannot load checkpoint {path} ({reason}); {hint}")
+        self.path, self.reason = path, reason
 
 
 def epoch_file(folder: Path, epoch: int) -> Path:
     return folder / f"epoch_{epoch:03d}.pth"
 
 
+def is_epoch_file(path: Path) -> bool:
+    """Whether ``path`` is named as :func:`epoch_file` names a net's epochs (``epoch_007.pth``)."""
+    digits = path.name.removeprefix("epoch_").removesuffix(".pth")
+    return (path.name.startswith("epoch_") and digits.isascii() and digits.isdigit()
+            and path.name == epoch_file(path.parent, int(digits)).name)
+
+
 def available_epochs(folder: Path) -> list[int]:
     """The epochs of the ``epoch_NNN.pth`` files in ``folder``, ascending."""
-    return sorted(int(p.stem[6:]) for p in folder.glob("epoch_*.pth") if p.stem[6:].isdigit())
+    return sorted(int(p.stem[6:]) for p in folder.glob("epoch_*.pth") if is_epoch_file(p))
 
 
 def other_epochs(folder: Path, flag: str) -> str | None:
@@ -81,18 +103,34 @@ def target_dir(root: str | Path, group: str, variant: str) -> Path:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``:
-    a crash mid-write never leaves a truncated checkpoint under the final name."""
+    """``torch.save`` to a temporary file in the same folder (``<name>.<random>.kamal_attr.tmp``),
+    flushed to disk, then renamed over ``path``: a crash or power loss mid-write never leaves a
+    truncated or empty checkpoint under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=TMP_SUFFIX)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _sync_folder(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (the rename) to disk, where the platform allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # not every platform opens or syncs a folder
+        pass
 
 
 def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
@@ -161,19 +199,27 @@ def _stale(name: str, path: Path, ckpt: Mapping[str, Any], new: Mapping[str, Any
 
 
 def _remove_killed_writes(out_dir: Path) -> None:
-    """Temporary files of :func:`atomic_save` (``<name>.pth<random>.tmp``) left by a kill."""
-    for path in out_dir.glob("*.pth*.tmp"):
-        path.unlink(missing_ok=True)
+    """Temporary files of :func:`atomic_save` left by a kill (:data:`KILLED_WRITE` names only)."""
+    for path in out_dir.glob(f"*{TMP_SUFFIX}"):
+        if KILLED_WRITE.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def clear_net(out_dir: Path) -> None:
-    """Remove this project's files of one net (``--overwrite`` starts over): epoch files and
-    ``last.pth`` that load as this project's checkpoints, and temporary files of killed
-    writes. Anything else there is refused, never deleted."""
+    """Remove this project's files of one net (``--overwrite`` starts over): the
+    ``epoch_NNN.pth`` files and ``last.pth`` that load as this project's checkpoints, and
+    temporary files of killed writes. A file there that does not load as one (damaged, or
+    someone else's) stops the run before anything is removed; other names are not touched."""
     _remove_killed_writes(out_dir)
-    ours = [p for p in sorted(out_dir.glob("epoch_*.pth")) + [out_dir / "last.pth"] if p.exists()]
+    ours = [p for p in [epoch_file(out_dir, e) for e in available_epochs(out_dir)]
+            + [out_dir / "last.pth"] if p.exists()]
     for path in ours:  # all proven ours before the first is removed
-        load_checkpoint(path)
+        try:
+            load_checkpoint(path)
+        except CheckpointError as e:
+            raise KamalError(f"--overwrite removes only this project's checkpoints, and {path} "
+                             f"does not load as one ({e.reason}): move or remove it yourself, "
+                             "then rerun") from None
     for path in ours:
         path.unlink()
 
@@ -209,7 +255,8 @@ def plan_training(out_dir: Path, epochs: int, recipe: Mapping[str, Any], overwri
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True`` on the CPU; one clear error if it fails.
+    """Read a checkpoint with ``weights_only=True`` on the CPU; one clear error
+    (:class:`CheckpointError`) if it cannot be read or is no checkpoint of this project.
 
     ``mmap`` maps the tensors instead of reading them, for callers that want the record
     only (the pool's scan of 22 real-size teachers would otherwise read about 1 GB); files
@@ -223,10 +270,10 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True,
                           mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:
-        raise KamalError(f"cannot load checkpoint {path} (weights_only): "
-                         f"{str(e).splitlines()[0]}") from None
+        raise CheckpointError(path, load_failure(path, e)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise KamalError(f"{path} is not a kamal_attr checkpoint (no '{FORMAT}' record)")
+        raise CheckpointError(path, f"no '{FORMAT}' record: not a kamal_attr checkpoint",
+                              "move it out of the project's folders")
     return ckpt
 
 
@@ -251,6 +298,5 @@ def load_net(path: str | Path, kind: str | None = None, attribute: str | None = 
     except KeyError as e:
         raise KamalError(f"{path}: its record lacks {e}") from None
     except RuntimeError as e:
-        raise KamalError(f"{path}: weights do not match its record: "
-                         f"{str(e).splitlines()[0]}") from None
+        raise KamalError(f"{path}: weights do not match its record: {first_line(e)}") from None
     return model.eval(), ckpt

@@ -19,7 +19,7 @@ def one_line(error: BaseException) -> str:
 
 
 def run(main: Callable[[], None],
-        interrupted: str = "saved epochs are kept: rerun the same command to resume") -> None:
+        interrupted: str = "saved epochs are kept: rerun the same command, without --overwrite, to resume") -> None:
     """Call ``main``; a :class:`KamalError` (bad files or flags) exits 2 with ``error: ...``,
     Ctrl-C exits 130 saying what ``interrupted`` left. After a run under torchrun, the
     process leaves its group (NCCL warns at exit otherwise)."""

@@ -202,7 +202,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 def add_task_args(g: argparse._ArgumentGroup) -> None:
     """Flags that name a task (``train.py``, ``evaluate.py``): a preset group, or any
     attribute set taught by the teacher pool."""
-    g.add_argument("--target_attribute", default="hair", help="preset group: hair, eye or face "
+    g.add_argument("--target_attribute", help="preset group: hair, eye or face "
                    "(default hair; METHOD.md's source nets)")
     g.add_argument("--attributes", nargs="+", metavar="ATTRIBUTE",
                    help="instead: any CelebA attributes, each taught by every source net under "
@@ -339,6 +339,9 @@ def amalgamation_parser(description: str | None = None, add_help: bool = True) -
     add_amalgamation_args(g)
     g.add_argument("--lr", type=learning_rate,
                    help="learning rate of nets and bridges, in (0, 1] (1e-4; demo 1e-3)")
+    g.add_argument("--schedule", choices=["step", "cosine"],
+                   help="per-epoch schedule of nets and bridges: x0.5 at 5,10,...,25 (step, "
+                        "the paper) or cosine (demo)")
     g.add_argument("--arch", choices=list(ARCHS), help="component nets' architecture (resnet18)")
     g.add_argument("--width", type=WIDTH, help="component net base width (64; demo 16)")
     g.add_argument("--target_arch", choices=list(ARCHS), help="target net's architecture (resnet18)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -342,10 +343,37 @@ def report_task(task: Task, cfg: RunConfig, split: str = "test",
     if by_style:
         print(format_by_style(result))
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2))
-        print(f"(written to {json_path})")
+        write_result(json_path, result)
     return result
+
+
+#: Keys that mark a JSON file as a result of ``evaluate.py`` (a task's, or one checkpoint's).
+RESULT_KEYS = ({"attributes", "mean", "claims"}, {"checkpoint", "split", "accuracy"})
+
+
+def check_result_path(path: Path) -> None:
+    """Refuse ``--json`` at an existing file unless it is a result this command wrote (an
+    earlier run's, which a rerun replaces): nothing else is ever overwritten."""
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+        ours = isinstance(old, dict) and any(keys <= old.keys() for keys in RESULT_KEYS)
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise KamalError(f"--json {path} exists and is not a result evaluate.py wrote; it is "
+                         "never overwritten: pass a new file")
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """Write a result as JSON to ``path`` (:func:`check_result_path` first), atomically."""
+    check_result_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
+    print(f"(written to {path})")
 
 
 def evaluate_checkpoint(path: Path, cfg: RunConfig, split: str = "test") -> dict[str, dict[str, float]]:

@@ -10,6 +10,8 @@ attribute, stored as one ``Linear(C, 2 * n)`` whose output is viewed as ``(B, n,
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +22,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from . import KamalError
+from . import KamalError, load_failure
 from .attributes import check_attribute
 from .precision import float32_region
 
@@ -250,7 +252,8 @@ def load_imagenet_weights(model: AttributeResNet, path: str | Path) -> int:
     except FileNotFoundError:
         raise KamalError(f"pretrained weights {path} do not exist") from None
     except Exception as e:  # pickle errors, truncated files, code-carrying pickles
-        raise KamalError(f"cannot load {path} as a state dict (weights_only): {e}") from None
+        raise KamalError(f"cannot load {path} as a state dict (weights_only): "
+                         f"{load_failure(path, e)}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -269,7 +272,7 @@ def load_imagenet_weights(model: AttributeResNet, path: str | Path) -> int:
 def describe_init(pretrained: str, width: int, weights_dir: str | Path,
                   arch: str = "resnet18") -> str:
     """How a source net starts, decided before anything is written: ``"random init"`` or
-    ``"ImageNet weights <file>"``.
+    ``"ImageNet weights <file name> (sha256 <16 hex digits of its bytes>)"``.
 
     ``pretrained``: ``"none"`` is random init; ``"auto"`` needs a ``.pth`` in
     ``weights_dir`` and width 64 (METHOD.md's protocol starts teachers from ImageNet: 50
@@ -292,7 +295,21 @@ def describe_init(pretrained: str, width: int, weights_dir: str | Path,
                          "pass --width 64, or --pretrained none")
     if not Path(pretrained).is_file():
         raise KamalError(f"--pretrained {pretrained}: no such file")
-    return f"ImageNet weights {Path(pretrained).name}"
+    return f"ImageNet weights {Path(pretrained).name} (sha256 {file_digest(pretrained)})"
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 (16 hex digits) of a file's bytes, read once per version of the file: the
+    starting weights enter a source net's recipe by content, not by name."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return _file_digest(path, st.st_size, st.st_mtime_ns)
 
 
 def build_model(attributes: Sequence[str], width: int, pretrained: str,

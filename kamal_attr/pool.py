@@ -18,7 +18,8 @@ from typing import Any, Sequence
 from . import KamalError
 from .attributes import (GROUPS, SOURCE_NETS, SourceNetSpec, check_attribute, check_group,
                          source_nets_of)
-from .checkpoint import available_epochs, epoch_file, load_checkpoint, source_dir
+from .checkpoint import (available_epochs, epoch_file, is_epoch_file, load_checkpoint,
+                         source_dir)
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def _candidates(root: Path, save_epoch: int) -> tuple[list[tuple[str, Path]], li
             chosen = epoch_file(folder, epochs[-1])
         found.append((name, chosen))
     for path in sorted(root.rglob("*.pth")):
-        if path.name == "last.pth" or (path.name.startswith("epoch_") and path.stem[6:].isdigit()):
+        if path.name == "last.pth" or is_epoch_file(path):
             continue  # a net's own files: chosen above
         found.append((path.relative_to(root).as_posix(), path))
     return found, notes
@@ -221,10 +222,20 @@ def format_pool(entries: Sequence[PoolEntry], notes: Sequence[str], root: Path) 
     return "\n".join(lines)
 
 
+def check_task_flags(group: str | None, attributes: Sequence[str] | None) -> str:
+    """The preset group the flags name (``hair`` if none), after refusing ``--target_attribute``
+    together with ``--attributes``: they name two different tasks."""
+    if group and attributes:
+        raise KamalError(f"--target_attribute {group} and --attributes {' '.join(attributes)} "
+                         "name two different tasks: pass one of them")
+    return group or "hair"
+
+
 def select_task(group: str | None, attributes: Sequence[str] | None, name: str | None,
                 sources_root: Path, save_epoch: int, need_teachers: bool = True) -> Task:
     """The task a script's flags name: ``--attributes`` (with ``--name``) from the pool,
-    else the preset ``--target_attribute`` group."""
+    else the preset ``--target_attribute`` group (scripts refuse both first:
+    :func:`check_task_flags`)."""
     if attributes:
         attributes, name = named_attributes(attributes, name)
         return pool_task(name, attributes, sources_root, save_epoch, need_teachers)

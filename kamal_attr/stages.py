@@ -59,11 +59,12 @@ def make_recipe(cfg: RunConfig, stage: str, optim: OptimConfig, epochs: int, see
                 arch: str, **specific: Any) -> dict[str, Any]:
     """What decides a net's weights, as plain JSON values (see :mod:`kamal_attr.checkpoint`).
 
+    The data enters by its digest (its lists, as the decoded-image cache is keyed), not its
+    folder: a dataset moved or copied (to a job's scratch disk) keeps its nets and resumes.
     Left out on purpose: the device, loader workers and output folders (they change where
     and how fast, not what is learnt)."""
     recipe = {"stage": stage, "arch": arch, "image_size": cfg.image_size,
-              "data_root": str(Path(cfg.data_root).resolve()), "data": data_digest(cfg.data_root),
-              "seed": seed,
+              "data": data_digest(cfg.data_root), "seed": seed,
               "batch_size": cfg.batch_size, "optim": asdict(optim), "epochs": epochs, **specific}
     return json.loads(json.dumps(recipe))
 
@@ -92,7 +93,8 @@ def train_net(method: Method, plan: TrainingPlan, recipe: dict[str, Any], cfg: R
     conditions = {"precision": "bf16" if cfg.bf16 else "fp32",
                   "images": "cache" if train_data.stored is not None else "jpeg",
                   "processes": rank_and_world()[1]}
-    record = {**record, "conditions": conditions}
+    # where the data was read from: said, not compared (the recipe holds the data's digest)
+    record = {**record, "conditions": conditions, "data_root": str(Path(cfg.data_root).resolve())}
     optimizer = build_optimizer(method.parameter_groups(optim_cfg.lr), optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, epochs)
     if plan.resume is not None:
@@ -181,7 +183,8 @@ def train_source_net(spec: SourceNetSpec, cfg: RunConfig,
     plan = plan_net(source_dir(cfg.sources_root, spec), cfg.source_epochs, recipe, cfg, name,
                 _retrain_source(cfg, spec))
     if plan.done:
-        log.info("%s: %s exists, reusing it (same recipe; --overwrite retrains)", name, plan.final)
+        log.info("%s: %s exists, reusing it (same recipe; train_sourcenet.py --overwrite "
+                 "retrains it)", name, plan.final)
         return plan.final
     seed_everything(seed)
     train_data = dataset(cfg, "train", spec.attributes, train=True, part=part)
@@ -297,19 +300,48 @@ def train_component(task: Task, attribute: str, cfg: RunConfig,
     return path
 
 
-def train_target(task: Task, cfg: RunConfig, data: TaskData | None = None) -> Path:
-    """Stage 2: the multi-head target net from all component nets of ``task``."""
+def task_flags(task: Task, cfg: RunConfig) -> str:
+    """The ``train.py`` flags that select ``task`` (and ``--demo``), for hints in errors."""
+    which = (f"--target_attribute {task.name}" if task.preset else
+             f"--attributes {' '.join(task.attributes)} --name {task.name}")
+    return which + (" --demo" if cfg.demo else "")
+
+
+def check_component_teachers(task: Task, attribute: str, path: Path, record: dict[str, Any],
+                             cfg: RunConfig) -> None:
+    """Stop if a teacher of the component at ``path`` (one that is still on disk) was
+    retrained since the component learnt from it: its weight digest differs from the one in
+    the component's recipe. (Stage 1 checks this itself; ``--stage target`` alone calls it.)"""
+    learnt = record.get("recipe", {}).get("teachers", {})
+    changed = []
+    for teacher in task.teachers[attribute]:
+        if teacher.name in learnt and teacher.path.exists():
+            net, _ = load_net(teacher.path, kind="source")
+            digest = weights_digest(net.state_dict())
+            if digest != learnt[teacher.name]:
+                changed.append(f"teachers.{teacher.name}: {learnt[teacher.name]} -> {digest}")
+    if changed:
+        raise KamalError(f"component {task.name}/{attribute}: {path} learnt from teachers that "
+                         f"were retrained since ({'; '.join(changed)}); retrain it with: python "
+                         f"train.py {task_flags(task, cfg)} --stage component --overwrite "
+                         "(and the flags it was trained with)")
+
+
+def train_target(task: Task, cfg: RunConfig, data: TaskData | None = None,
+                 verify_components: bool = False) -> Path:
+    """Stage 2: the multi-head target net from all component nets of ``task``;
+    ``verify_components``: first check each component against its teachers on disk (when
+    stage 1 did not just do so)."""
     components, digests, paths = [], {}, []
     for attribute in task.attributes:
         folder = component_dir(cfg.components_root, task.name, cfg.variant, attribute)
         path = saved_epoch(folder, cfg.component_epochs, "--component_saveEpoch")
         if path is None:
-            which = (f"--target_attribute {task.name}" if task.preset else
-                     f"--attributes {' '.join(task.attributes)} --name {task.name}")
             raise KamalError(f"component net {epoch_file(folder, cfg.component_epochs)} missing; "
-                             f"train it with: python train.py {which} --stage component"
-                             + (" --demo" if cfg.demo else ""))
-        net, _ = load_net(path, kind="component", attribute=attribute, image_size=cfg.image_size)
+                             f"train it with: python train.py {task_flags(task, cfg)} --stage component")
+        net, record = load_net(path, kind="component", attribute=attribute, image_size=cfg.image_size)
+        if verify_components:
+            check_component_teachers(task, attribute, path, record, cfg)
         log.info("  component %s: %s", attribute, path)
         components.append(net)
         paths.append(str(path))
@@ -373,5 +405,5 @@ def amalgamate(cfg: RunConfig, group: str, attributes: Sequence[str] | None = No
         for attribute in task.attributes:
             train_component(task, attribute, cfg, data)
     if stage in ("target", "all"):
-        train_target(task, cfg, data)
+        train_target(task, cfg, data, verify_components=stage == "target")
     return task

@@ -26,6 +26,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -447,6 +448,11 @@ def _drawing(folder: Path) -> bool:
     return True
 
 
+def _ignore_interrupt() -> None:
+    """Drawing processes leave Ctrl-C to the parent, which ends them (no traceback each)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def check_writable(out: str | Path) -> None:
     """Refuse (one line naming the folder) unless ``out`` is missing, empty or ours."""
     out = Path(out)
@@ -463,8 +469,8 @@ def generate(out: str | Path, num_images: int = 8000, seed: int = 0,
     ``out`` must be missing, empty, or a dataset this function wrote (:func:`check_writable`):
     nothing else is ever deleted or overwritten. The dataset is drawn in a temporary
     sibling folder (marked as ours before anything else is written) and renamed at the end,
-    so an interrupted run never leaves a half dataset that looks complete; leftovers of
-    killed runs are removed on the next call.
+    so an interrupted run never leaves a half dataset that looks complete: Ctrl-C or an
+    error removes the folder, and leftovers of killed runs are removed on the next call.
     """
     out = Path(out)
     check_writable(out)
@@ -482,31 +488,35 @@ def generate(out: str | Path, num_images: int = 8000, seed: int = 0,
     names = [f"{i + 1:06d}.jpg" for i in range(num_images)]
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    (tmp / MARKER).write_text(json.dumps({"num_images": num_images, "seed": seed,
-                                          "drawing": DRAWING, "pid": os.getpid()}) + "\n")
-    (tmp / "img_align_celeba").mkdir()
-    keys = list(faces)
-    jobs = [(i, {k: (int(faces[k][i]) if faces[k].dtype != bool else bool(faces[k][i]))
-                 for k in keys}, int(styles[i]), seed, str(tmp / "img_align_celeba"))
-            for i in range(num_images)]
-    workers = workers or min(os.cpu_count() or 1, 8)
-    progress = tqdm(total=num_images, desc=f"drawing {num_images} faces", disable=None)
-    if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            for _ in pool.imap_unordered(_render_job, jobs, chunksize=64):
+    try:
+        (tmp / MARKER).write_text(json.dumps({"num_images": num_images, "seed": seed,
+                                              "drawing": DRAWING, "pid": os.getpid()}) + "\n")
+        (tmp / "img_align_celeba").mkdir()
+        keys = list(faces)
+        jobs = [(i, {k: (int(faces[k][i]) if faces[k].dtype != bool else bool(faces[k][i]))
+                     for k in keys}, int(styles[i]), seed, str(tmp / "img_align_celeba"))
+                for i in range(num_images)]
+        workers = workers or min(os.cpu_count() or 1, 8)
+        progress = tqdm(total=num_images, desc=f"drawing {num_images} faces", disable=None)
+        if workers > 1:
+            with multiprocessing.get_context("fork").Pool(workers, _ignore_interrupt) as pool:
+                for _ in pool.imap_unordered(_render_job, jobs, chunksize=64):
+                    progress.update()
+        else:
+            for job in jobs:
+                _render_job(job)
                 progress.update()
-    else:
-        for job in jobs:
-            _render_job(job)
-            progress.update()
-    progress.close()
-    _write_attr_list(tmp / "list_attr_celeba.txt", names, noisy)
-    _write_attr_list(tmp / "list_attr_celeba_clean.txt", names, clean)
-    partition = [0] * n_train + [1] * n_val + [2] * n_test
-    (tmp / "list_eval_partition.txt").write_text(
-        "".join(f"{n} {p}\n" for n, p in zip(names, partition)))
-    (tmp / STYLE_LIST).write_text(
-        "".join(f"{n} {STYLES[s]}\n" for n, s in zip(names, styles)))
+        progress.close()
+        _write_attr_list(tmp / "list_attr_celeba.txt", names, noisy)
+        _write_attr_list(tmp / "list_attr_celeba_clean.txt", names, clean)
+        partition = [0] * n_train + [1] * n_val + [2] * n_test
+        (tmp / "list_eval_partition.txt").write_text(
+            "".join(f"{n} {p}\n" for n, p in zip(names, partition)))
+        (tmp / STYLE_LIST).write_text(
+            "".join(f"{n} {STYLES[s]}\n" for n, s in zip(names, styles)))
+    except BaseException:  # Ctrl-C or an error: the unfinished folder, made above, goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     check_writable(out)  # again: the folder may have changed while drawing
     if out.exists():  # ours or empty (checked): replaced only now that the new one is whole
         old = out.with_name(f".{out.name}.partial-old-{os.getpid()}")
@@ -538,7 +548,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=bounded_int(1), default=None,
                    help="drawing processes (default: cores)")
     args = p.parse_args(argv)
-    run(lambda: print(f"wrote {generate(args.out, args.num_images, args.seed, args.workers)}"))
+    run(lambda: print(f"wrote {generate(args.out, args.num_images, args.seed, args.workers)}"),
+        interrupted="the unfinished dataset was removed: rerun the same command to draw it")
 
 
 if __name__ == "__main__":

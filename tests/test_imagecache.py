@@ -216,6 +216,9 @@ def test_a_foreign_cache_file_is_refused(tmp_path):
     np.save(path, np.zeros((3, 4, 4, 3), np.float32))
     with pytest.raises(KamalError, match=r"x.npy holds float32 \(3, 4, 4, 3\).*remove it"):
         open_cache(path, 3)
+    path.write_bytes(b"")  # an empty file: one error line too, not numpy's EOFError
+    with pytest.raises(KamalError, match=r"x.npy cannot be read \(No data left in file\); remove it"):
+        open_cache(path, 3)
 
 
 def test_a_worker_reopens_the_cache_instead_of_copying_it(cached, synthetic_root):

@@ -40,9 +40,19 @@ def test_imagenet_weights_load_from_a_torchvision_file(tmp_path):
     path = tmp_path / "resnet18-f37072fd.pth"
     torch.save(reference.state_dict(), path)
     model, init = build_model(["Male", "Young"], 64, "auto", tmp_path)
-    assert init == "ImageNet weights resnet18-f37072fd.pth"
+    assert init.startswith("ImageNet weights resnet18-f37072fd.pth (sha256 ")
     assert torch.equal(model.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
     assert torch.equal(model.bn1.running_mean, reference.bn1.running_mean)
+    # the init enters the source net's recipe by content: other weights under the same
+    # name (another folder, or the file replaced) are another init, the same bytes are not
+    other = tmp_path / "other" / path.name
+    other.parent.mkdir()
+    torch.save(torchvision.models.resnet18().state_dict(), other)
+    assert describe_init(str(other), 64, tmp_path) != init
+    copy = tmp_path / "copy" / path.name
+    copy.parent.mkdir()
+    copy.write_bytes(path.read_bytes())
+    assert describe_init(str(copy), 64, tmp_path) == init
 
 
 def test_bad_weight_files_fail_clearly(tmp_path):

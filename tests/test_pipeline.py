@@ -119,6 +119,15 @@ def test_evaluate_writes_json(trained, tmp_path):
     assert result["entropy"]["num_correct"] + result["entropy"]["num_wrong"] == 9 * 17
     claim = result["claims"]["2_component_vs_best_source"]
     assert claim["of"] == 4 and claim["gaps"]["Brown_Hair"] == row["component"] - row["best_source"]
+    # a rerun replaces its own earlier result; any other file there is refused, untouched
+    evaluate.main(evaluate.get_args_parser().parse_args(amalgamate + ["--json", str(out)]))
+    assert json.loads(out.read_text()) == result
+    theirs = tmp_path / "notes.json"
+    theirs.write_text('{"my": "notes"}')
+    with pytest.raises(KamalError, match="--json .*notes.json exists and is not a result evaluate.py wrote"):
+        evaluate.main(evaluate.get_args_parser().parse_args(amalgamate + ["--json", str(theirs)]))
+    assert theirs.read_text() == '{"my": "notes"}' and sorted(p.name for p in tmp_path.iterdir()) == [
+        "hair.json", "notes.json"]
 
 
 def test_evaluate_by_style_splits_sources_and_routing(trained, tmp_path, synthetic_root):

@@ -22,12 +22,20 @@ def common(root: Path, data: Path) -> list[str]:
             "--batch_size", "6", "--workers", "0", "--device", "cpu"]
 
 
+#: A cosine schedule, whose learning rate changes every epoch: a resume that did not restore
+#: the scheduler would train its later epochs at another rate (the step schedule's first
+#: change comes after epoch 5).
+SCHEDULE = ["--schedule", "cosine"]
+
+
 def sources_args(root, data):
-    return ["--all", "--group", "face", "--epochs", "3", "--width", "4", "--pretrained", "none"] + common(root, data)
+    return (["--all", "--group", "face", "--epochs", "3", "--width", "4", "--pretrained", "none"]
+            + SCHEDULE + common(root, data))
 
 
 def amalgamation_args(root, data):
-    return ["--target_attribute", "face", "--width", "4", "--target_width", "6"] + EPOCHS + common(root, data)
+    return (["--target_attribute", "face", "--width", "4", "--target_width", "6"] + EPOCHS
+            + SCHEDULE + common(root, data))
 
 
 def script(*argv: str, interrupt: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
@@ -86,7 +94,7 @@ def test_killed_and_interrupted_runs_resume_bitwise_in_every_stage(uninterrupted
 def test_a_finished_net_of_another_recipe_is_refused_with_what_differs(uninterrupted, synthetic_root, tmp_path):
     args = train.get_args_parser().parse_args(
         ["--target_attribute", "face", "--width", "8", "--target_width", "6"] + EPOCHS
-        + common(uninterrupted, synthetic_root))
+        + SCHEDULE + common(uninterrupted, synthetic_root))
     with pytest.raises(KamalError, match=r"component face/Oval_Face: .*width: 4 -> 8.*--overwrite"):
         train.main(args)
 
@@ -102,6 +110,13 @@ def test_a_retrained_teacher_makes_its_component_stale(uninterrupted, synthetic_
     args = train.get_args_parser().parse_args(amalgamation_args(root, synthetic_root))
     with pytest.raises(KamalError, match=r"component face/Young: .*teachers.source3_Young: \w+ -> \w+"):
         train.main(args)
+    # the target stage alone does not reuse (or train from) that component either
+    args = train.get_args_parser().parse_args(amalgamation_args(root, synthetic_root)
+                                              + ["--stage", "target"])
+    with pytest.raises(KamalError, match=r"component face/Young: .* learnt from teachers that were "
+                       r"retrained since \(teachers.source3_Young: \w+ -> \w+\); retrain it with: "
+                       r"python train.py --target_attribute face --stage component --overwrite"):
+        train.main(args)
 
 
 def test_overwrite_starts_over_and_leaves_no_old_epochs(uninterrupted, synthetic_root, tmp_path):
@@ -109,7 +124,7 @@ def test_overwrite_starts_over_and_leaves_no_old_epochs(uninterrupted, synthetic
     root = tmp_path / "copy"
     shutil.copytree(uninterrupted / "snapshot", root / "snapshot")
     folder = root / "snapshot/sources/face/source1_Oval_Face"
-    (folder / "epoch_003.pth.tmp").write_bytes(b"half a write")  # a write killed half-way
+    (folder / "epoch_003.pth.k1ll3d_x.kamal_attr.tmp").write_bytes(b"half a write")  # a killed write
     retrain = ["--target_attribute", "Oval_Face", "--source_id", "1", "--epochs", "3", "--width",
                "4", "--pretrained", "none", "--seed", "7", "--overwrite"] + common(root, synthetic_root)
     killed = script("train_sourcenet.py", *retrain, interrupt=("kill", 1))
@@ -131,7 +146,7 @@ def test_a_resume_under_other_conditions_is_said(uninterrupted, synthetic_root, 
     atomic_save({**last, "epoch": 2, "conditions": {**last["conditions"], "precision": "bf16"}},
                 last_path)  # as if epochs 1-2 had run on a GPU in bf16
     args = ["--target_attribute", "Oval_Face", "--source_id", "1", "--epochs", "3", "--width",
-            "4", "--pretrained", "none"] + common(root, synthetic_root)
+            "4", "--pretrained", "none"] + SCHEDULE + common(root, synthetic_root)
     with caplog.at_level("WARNING", logger="kamal_attr"):
         train_sourcenet.main(train_sourcenet.get_args_parser().parse_args(args))
     assert "epochs 1-2 ran under other conditions (precision: bf16 -> fp32)" in caplog.text

@@ -2,8 +2,10 @@
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,31 @@ def test_leftovers_of_a_killed_generator_are_removed_and_foreign_lookalikes_kept
         ".synthetic.partial-now", ".synthetic.partial-xyz", "synthetic"]
 
 
+def test_ctrl_c_while_drawing_removes_the_unfinished_dataset_and_says_so(tmp_path):
+    """Ctrl-C (a real SIGINT) once the drawing processes are at work: exit 130, one line
+    saying what happened, no traceback of any process, and no folder left behind."""
+    out = tmp_path / "synthetic"
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import runpy, signal; signal.signal(signal.SIGINT, "
+         "signal.default_int_handler); runpy.run_module('kamal_attr.synthetic', "
+         "run_name='__main__', alter_sys=True)", "--out", str(out), "--num_images", "4000",
+         "--workers", "2"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    images = None
+    for _ in range(600):  # up to a minute for the first drawn faces to appear
+        images = next(tmp_path.glob(".synthetic.partial-*/img_align_celeba"), None)
+        if images is not None and any(images.iterdir()):
+            break
+        time.sleep(0.1)
+    assert images is not None, "the generator never started drawing"
+    child.send_signal(signal.SIGINT)
+    err = child.communicate(timeout=60)[1]
+    assert child.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        "interrupted; the unfinished dataset was removed: rerun the same command to draw it")
+    assert "Traceback" not in err and "ForkPoolWorker" not in err, err
+    assert not list(tmp_path.iterdir())
+
+
 def call(script, argv: list[str], capsys) -> tuple[int, str]:
     """Run a script's command line in this process as ``python script ...`` would."""
     with pytest.raises(SystemExit) as exit_info:
@@ -145,6 +172,17 @@ BAD = [
     (train_sourcenet, ["--attributes", "Male", "Beard"], "unknown attribute 'Beard'"),
     (train_sourcenet, ["--train_part", "4/3"], "--train_part 4/3: need 1 <= k <= P"),
     (train_sourcenet, ["--optimizer", "lbfgs"], "argument --optimizer: invalid choice"),
+    # flags of one way of naming nets mixed with another's: refused, not silently ignored
+    (train_sourcenet, ["--all", "--attributes", "Male"],
+     "--attributes trains one net on the attributes it names: drop --all"),
+    (train_sourcenet, ["--attributes", "Male", "--source_id", "2"], "drop --source_id"),
+    (train_sourcenet, ["--group", "hair"], "--group hair picks the nets of --all: add --all"),
+    (train_sourcenet, ["--name", "mine"], "--name mine names an --attributes net"),
+    (train_sourcenet, ["--all", "--target_attribute", "Bangs"],
+     "--all trains every source net (of --group): drop --target_attribute"),
+    (train, ["--attributes", "Black_Hair", "--target_attribute", "eye"],
+     "--target_attribute eye and --attributes Black_Hair name two different tasks"),
+    (evaluate, ["--target_attribute", "hair", "--attributes", "Male"], "name two different tasks"),
 ]
 
 
@@ -155,6 +193,17 @@ def test_bad_flags_stop_with_one_line_and_write_nothing(tmp_path, capsys, script
     code, err = call(script, argv + flags, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
+
+def test_unreadable_imagenet_weights_stop_in_one_line_before_any_data_is_made(tmp_path, capsys):
+    weights = tmp_path / "notes.pth"
+    weights.write_text("{not: torch}")
+    code, err = call(train_sourcenet, ["--demo", "--width", "64", "--pretrained", str(weights),
+                                       "--save_root", str(tmp_path / "out"), "--data_root",
+                                       str(tmp_path / "data"), "--device", "cpu"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"cannot load {weights} as a state dict" in err and "weights_only=False" not in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
 
 
