@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 
-from kamal_attr.cli import run
+from kamal_attr.cli import RESUME, run
 from kamal_attr.config import amalgamation_parser, resolve_config
 from kamal_attr.distributed import is_main_process
-from kamal_attr.evaluation import report_task
+from kamal_attr.evaluation import check_result_path, demo_result_path, report_task
 from kamal_attr.pool import check_task_flags, named_attributes, select_task
 from kamal_attr.runtime import demo_data_needed, ensure_data, start
 from kamal_attr.stages import amalgamate, check_teachers
@@ -40,16 +40,16 @@ def main(args: argparse.Namespace) -> None:
         if args.stage in ("component", "all"):
             for attribute in task.attributes:
                 check_teachers(task, attribute, cfg)
-    elif args.attributes:  # bad names stop the demo before the data is made
-        named_attributes(args.attributes, args.name)
-    else:
-        select_task(group, None, args.name, cfg.sources_root, 1)  # group, --name
+    else:  # bad names, or a file in the way of the demo's result, stop it before the data is made
+        name = (named_attributes(args.attributes, args.name)[1] if args.attributes else
+                select_task(group, None, args.name, cfg.sources_root, 1).name)  # group, --name
+        check_result_path(demo_result_path(cfg, name), flag=None)
     start(cfg)
     ensure_data(cfg)
     task = amalgamate(cfg, group, args.attributes, args.name, args.stage, task=task)
     if cfg.demo and is_main_process():
-        report_task(task, cfg, json_path=cfg.log_dir / f"evaluate_{task.name}_{cfg.variant}.json")
+        report_task(task, cfg, json_path=demo_result_path(cfg, task.name), json_flag=None)
 
 
 if __name__ == "__main__":
-    run(lambda: main(get_args_parser().parse_args()))
+    run(lambda: main(get_args_parser().parse_args()), interrupted=RESUME)

@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 
 from kamal_attr import KamalError
-from kamal_attr.attributes import (CELEBA_ATTRIBUTES, SOURCE_NETS, SourceNetSpec, check_attribute,
-                                   source_net, source_nets_of)
-from kamal_attr.cli import ArgumentParser, run
+from kamal_attr.cli import RESUME, ArgumentParser, run
 from kamal_attr.config import (DEMO, POSITIVE, REAL, WIDTH, add_common_args, learning_rate,
                                resolve_config)
 from kamal_attr.models import ARCHS, build_model
-from kamal_attr.pool import check_folder_name, discover_pool, format_pool
+from kamal_attr.pool import discover_pool, format_pool, select_source_nets
 from kamal_attr.distributed import leave_group, my_share
 from kamal_attr.runtime import demo_data_needed, ensure_data, setup_logging, start
 from kamal_attr.stages import train_source_net
@@ -69,38 +67,14 @@ def parse_part(text: str | None) -> tuple[int, int] | None:
     return k, parts
 
 
-def selected_nets(args: argparse.Namespace) -> list[SourceNetSpec]:
-    """The nets the flags name: one of the table (``--target_attribute``, ``--source_id``),
-    all of them (``--all``, ``--group``) or one on any ``--attributes`` (``--name``). Flags
-    of one way mixed with another's are refused, not silently ignored."""
-    one = [f for f, v in (("--target_attribute", args.target_attribute),
-                          ("--source_id", args.source_id)) if v is not None]
-    if args.attributes and (one or args.all or args.group):
-        extra = one + ["--all"] * args.all + ["--group"] * bool(args.group)
-        raise KamalError(f"--attributes trains one net on the attributes it names: drop {', '.join(extra)}")
-    if args.name is not None and not args.attributes:
-        raise KamalError(f"--name {args.name} names an --attributes net: add --attributes, or drop --name")
-    if args.all and one:
-        raise KamalError(f"--all trains every source net (of --group): drop {', '.join(one)}")
-    if args.group and not args.all:
-        raise KamalError(f"--group {args.group} picks the nets of --all: add --all, or name one net "
-                         "with --target_attribute and --source_id")
-    if args.attributes:
-        names = CELEBA_ATTRIBUTES if args.attributes == ["all"] else tuple(
-            check_attribute(a) for a in args.attributes)
-        return [SourceNetSpec("custom", 0, tuple(names), label=check_folder_name(args.name or "custom"))]
-    if args.all:
-        return list(source_nets_of(args.group) if args.group else SOURCE_NETS)
-    return [source_net(check_attribute(args.target_attribute or "Black_Hair"), args.source_id or 1)]
-
-
 def main(args: argparse.Namespace) -> None:
     cfg = resolve_config(args)
     if args.list_pool:
         print(format_pool(*discover_pool(cfg.sources_root, cfg.source_save_epoch), cfg.sources_root))
         return
     part = parse_part(args.train_part)
-    specs = selected_nets(args)
+    specs = select_source_nets(args.target_attribute, args.source_id, args.all, args.group,
+                               args.attributes, args.name)
     # missing or unreadable ImageNet weights stop the run now, before the data is made
     build_model(specs[0].attributes, cfg.width, cfg.pretrained, cfg.weights_dir, cfg.arch)
     demo_data_needed(cfg)
@@ -117,4 +91,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    run(lambda: main(get_args_parser().parse_args()))
+    run(lambda: main(get_args_parser().parse_args()), interrupted=RESUME)

@@ -27,7 +27,10 @@ def load_failure(path: str | Path, error: Exception) -> str:
     """Why ``torch.load(path, weights_only=True)`` failed, in a few words for an error line."""
     if Path(path).stat().st_size == 0:
         return "the file is empty"
-    if "Weights only load failed" in str(error):
-        # torch's own text goes on to suggest weights_only=False, which would run the file's code
+    text = str(error)
+    if "Weights only load failed" not in text:
+        return first_line(error)
+    # torch's own text goes on to suggest weights_only=False, which would run the file's code
+    if "Unsupported global" in text:
         return "it holds objects other than tensors and plain values, which weights_only refuses"
-    return first_line(error)
+    return "not a file written by torch.save: another format, a web page, or cut short"

@@ -41,9 +41,11 @@ from .models import AttributeResNet
 FORMAT = "kamal_attr/1"
 KINDS = ("source", "component", "target")
 #: The end of :func:`atomic_save`'s temporary files, and the whole name of one left by a kill:
-#: a net's file name, mkstemp's random part, this suffix (nothing else there is removed).
+#: a net's file name, mkstemp's random part, this suffix; or, as earlier versions
+#: named them, ``<net file><8 random characters>.tmp``. Nothing else there is removed.
 TMP_SUFFIX = ".kamal_attr.tmp"
-KILLED_WRITE = re.compile(r"(last|epoch_\d+)\.pth\.[^.]+" + re.escape(TMP_SUFFIX))
+KILLED_WRITE = re.compile(r"(last|epoch_\d+)\.pth(\.[^.]+" + re.escape(TMP_SUFFIX)
+                          + r"|[a-z0-9_]{8}\.tmp)")
 
 
 class CheckpointError(KamalError):
@@ -53,7 +55,7 @@ class CheckpointError(KamalError):
                  hint: str = "if it is damaged (a crash, a full disk, a copy cut short), "
                              "remove or replace it, then rerun") -> None:
         super().__init__(f"cannot load checkpoint {path} ({reason}); {hint}")
-        self.path, self.reason = path, reason
+        self.reason = reason
 
 
 def epoch_file(folder: Path, epoch: int) -> Path:
@@ -188,10 +190,33 @@ class TrainingPlan:
     resume: dict[str, Any] | None = None
 
 
+def read_recipe(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded recipe as this version writes recipes, so that nets made before a change
+    of the recipe's form stay reusable and resumable: earlier versions named the data's
+    folder (``data_root``; now recorded beside the recipe, the data entering by its digest)
+    and ImageNet starting weights by file name only (now with the file's SHA-256; a
+    name-only entry is read as the same file when ``new`` names a file of that name)."""
+    old = {k: v for k, v in old.items() if k != "data_root"}
+    init, wanted = old.get("init"), new.get("init")
+    if (isinstance(init, str) and isinstance(wanted, str) and init.startswith("ImageNet weights ")
+            and " (sha256 " not in init and wanted.split(" (sha256 ")[0] == init):
+        old["init"] = wanted
+    return old
+
+
+def made_by(ckpt: Mapping[str, Any], recipe: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint was made by ``recipe`` (its fingerprint, or its recorded recipe
+    read as this version writes it: :func:`read_recipe`)."""
+    if ckpt.get("fingerprint") == fingerprint(recipe):
+        return True
+    return "recipe" in ckpt and fingerprint(read_recipe(ckpt["recipe"], recipe)) == fingerprint(recipe)
+
+
 def _stale(name: str, path: Path, ckpt: Mapping[str, Any], new: Mapping[str, Any],
            retrain: str) -> KamalError:
     if "recipe" in ckpt:
-        why = f"was made by another recipe (checkpoint -> this run: {'; '.join(recipe_diff(ckpt['recipe'], new))})"
+        differences = recipe_diff(read_recipe(ckpt["recipe"], new), new)
+        why = f"was made by another recipe (checkpoint -> this run: {'; '.join(differences)})"
     else:
         why = "records no recipe (made by an older version of this project)"
     return KamalError(f"{name}: {path} {why}; to retrain it run {retrain} with --overwrite, "
@@ -200,7 +225,7 @@ def _stale(name: str, path: Path, ckpt: Mapping[str, Any], new: Mapping[str, Any
 
 def _remove_killed_writes(out_dir: Path) -> None:
     """Temporary files of :func:`atomic_save` left by a kill (:data:`KILLED_WRITE` names only)."""
-    for path in out_dir.glob(f"*{TMP_SUFFIX}"):
+    for path in out_dir.glob("*.tmp"):
         if KILLED_WRITE.fullmatch(path.name) and path.is_file():
             path.unlink(missing_ok=True)
 
@@ -239,16 +264,15 @@ def plan_training(out_dir: Path, epochs: int, recipe: Mapping[str, Any], overwri
         return TrainingPlan(out_dir, final, done=False)
     _remove_killed_writes(out_dir)
     last_path = out_dir / "last.pth"
-    want = fingerprint(recipe)
     if last_path.exists():
         last = load_checkpoint(last_path)
-        if last.get("fingerprint") != want:
+        if not made_by(last, recipe):
             raise _stale(name, last_path, last, recipe, retrain)
         if last["epoch"] < epochs:
             return TrainingPlan(out_dir, final, done=False, start_epoch=last["epoch"] + 1, resume=last)
     if final.exists():
         ckpt = load_checkpoint(final)
-        if ckpt.get("fingerprint") != want:
+        if not made_by(ckpt, recipe):
             raise _stale(name, final, ckpt, recipe, retrain)
         return TrainingPlan(out_dir, final, done=True)
     return TrainingPlan(out_dir, final, done=False)

@@ -18,8 +18,11 @@ def one_line(error: BaseException) -> str:
     return str(error)
 
 
-def run(main: Callable[[], None],
-        interrupted: str = "saved epochs are kept: rerun the same command, without --overwrite, to resume") -> None:
+#: What Ctrl-C leaves of a training run, and what to do next.
+RESUME = "saved epochs are kept: rerun the same command, without --overwrite, to resume"
+
+
+def run(main: Callable[[], None], interrupted: str = "rerun the same command") -> None:
     """Call ``main``; a :class:`KamalError` (bad files or flags) exits 2 with ``error: ...``,
     Ctrl-C exits 130 saying what ``interrupted`` left. After a run under torchrun, the
     process leaves its group (NCCL warns at exit otherwise)."""

@@ -330,10 +330,17 @@ def format_by_style(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def demo_result_path(cfg: RunConfig, task_name: str) -> Path:
+    """Where the demo of ``train.py`` (and the report's runs) write their evaluation."""
+    return cfg.log_dir / f"evaluate_{task_name}_{cfg.variant}.json"
+
+
 def report_task(task: Task, cfg: RunConfig, split: str = "test",
-                json_path: Path | None = None, by_style: bool = False) -> dict[str, Any]:
+                json_path: Path | None = None, by_style: bool = False,
+                json_flag: str | None = "--json") -> dict[str, Any]:
     """Evaluate ``task`` (histograms to ``log_dir/evaluate/...``), print the table and
-    optionally write the JSON; what ``evaluate.py`` and the demo of ``train.py`` print."""
+    optionally write the JSON (``json_flag``: the option that named its path, for errors);
+    what ``evaluate.py`` and the demo of ``train.py`` print."""
     with SummaryWriter(str(cfg.log_dir / "evaluate" / task.name / cfg.variant)) as writer:
         result = evaluate_task(task, cfg, split, writer, by_style)
     result["claims"] = check_claims(result)
@@ -343,17 +350,19 @@ def report_task(task: Task, cfg: RunConfig, split: str = "test",
     if by_style:
         print(format_by_style(result))
     if json_path is not None:
-        write_result(json_path, result)
+        write_result(json_path, result, json_flag)
     return result
 
 
-#: Keys that mark a JSON file as a result of ``evaluate.py`` (a task's, or one checkpoint's).
-RESULT_KEYS = ({"attributes", "mean", "claims"}, {"checkpoint", "split", "accuracy"})
+#: Keys that mark a JSON file as a result of ``evaluate.py`` (a task's, as every version
+#: wrote it, or one checkpoint's).
+RESULT_KEYS = ({"group", "split", "variant", "attributes"}, {"checkpoint", "split", "accuracy"})
 
 
-def check_result_path(path: Path) -> None:
-    """Refuse ``--json`` at an existing file unless it is a result this command wrote (an
-    earlier run's, which a rerun replaces): nothing else is ever overwritten."""
+def check_result_path(path: Path, flag: str | None = "--json") -> None:
+    """Refuse to write a result over an existing file unless it is a result this project
+    wrote (an earlier run's, which a rerun replaces): nothing else is ever overwritten.
+    ``flag``: the option that named ``path``, for the hint (``None``: a path of our own)."""
     if not path.exists():
         return
     try:
@@ -362,17 +371,21 @@ def check_result_path(path: Path) -> None:
     except (OSError, ValueError):
         ours = False
     if not ours:
-        raise KamalError(f"--json {path} exists and is not a result evaluate.py wrote; it is "
-                         "never overwritten: pass a new file")
+        hint = f"pass another {flag}" if flag else "move it away, then rerun"
+        raise KamalError(f"{path} exists and is not an evaluation result of this project; it is "
+                         f"never overwritten: {hint}")
 
 
-def write_result(path: Path, result: dict[str, Any]) -> None:
+def write_result(path: Path, result: dict[str, Any], flag: str | None = "--json") -> None:
     """Write a result as JSON to ``path`` (:func:`check_result_path` first), atomically."""
-    check_result_path(path)
+    check_result_path(path, flag)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # ours, and gone once renamed
     print(f"(written to {path})")
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import KamalError
-from .attributes import (GROUPS, SOURCE_NETS, SourceNetSpec, check_attribute, check_group,
-                         source_nets_of)
+from .attributes import (CELEBA_ATTRIBUTES, GROUPS, SOURCE_NETS, SourceNetSpec, check_attribute,
+                         check_group, source_net, source_nets_of)
 from .checkpoint import (available_epochs, epoch_file, is_epoch_file, load_checkpoint,
                          source_dir)
 
@@ -220,6 +220,33 @@ def format_pool(entries: Sequence[PoolEntry], notes: Sequence[str], root: Path) 
                                  or "none"))
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
+
+
+def select_source_nets(target_attribute: str | None, source_id: int | None, all_nets: bool,
+                       group: str | None, attributes: Sequence[str] | None,
+                       name: str | None) -> list[SourceNetSpec]:
+    """The nets ``train_sourcenet.py``'s flags name: one of the table (``--target_attribute``,
+    ``--source_id``), all of them (``--all``, ``--group``) or one on any ``--attributes``
+    (``--name``). Flags of one way mixed with another's are refused, not silently ignored."""
+    one = [flag for flag, value in (("--target_attribute", target_attribute),
+                                    ("--source_id", source_id)) if value is not None]
+    if attributes and (one or all_nets or group):
+        extra = one + ["--all"] * all_nets + ["--group"] * bool(group)
+        raise KamalError(f"--attributes trains one net on the attributes it names: drop {', '.join(extra)}")
+    if name is not None and not attributes:
+        raise KamalError(f"--name {name} names an --attributes net: add --attributes, or drop --name")
+    if all_nets and one:
+        raise KamalError(f"--all trains every source net (of --group): drop {', '.join(one)}")
+    if group and not all_nets:
+        raise KamalError(f"--group {group} picks the nets of --all: add --all, or name one net "
+                         "with --target_attribute and --source_id")
+    if attributes:
+        names = CELEBA_ATTRIBUTES if list(attributes) == ["all"] else tuple(
+            check_attribute(a) for a in attributes)
+        return [SourceNetSpec("custom", 0, tuple(names), label=check_folder_name(name or "custom"))]
+    if all_nets:
+        return list(source_nets_of(group) if group else SOURCE_NETS)
+    return [source_net(check_attribute(target_attribute or "Black_Hair"), source_id or 1)]
 
 
 def check_task_flags(group: str | None, attributes: Sequence[str] | None) -> str:

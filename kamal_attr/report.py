@@ -27,7 +27,7 @@ from .checkpoint import component_dir, load_checkpoint
 from .cli import ArgumentParser, run
 from .config import REPO_ROOT, amalgamation_parser, resolve_config
 from .distributed import rank_and_world
-from .evaluation import evaluate_task, report_task
+from .evaluation import check_result_path, demo_result_path, evaluate_task, report_task
 from .models import TAP_LAYERS
 from .runtime import ensure_data, start
 from .stages import amalgamate
@@ -64,10 +64,11 @@ def run_demo(flags: list[str], group: str, fit: bool = False) -> tuple[dict[str,
     the evaluation also holds ``train_split``: the same accuracies on the training images the
     nets learnt from (eval view), which tell under-fitting from poor generalisation."""
     cfg = resolve_config(amalgamation_parser().parse_args(["--demo", "--target_attribute", group] + flags))
+    check_result_path(demo_result_path(cfg, group), flag=None)  # before training, not after
     start(cfg)
     ensure_data(cfg)
     task = amalgamate(cfg, group)
-    result = report_task(task, cfg, json_path=cfg.log_dir / f"evaluate_{group}_{cfg.variant}.json")
+    result = report_task(task, cfg, json_path=demo_result_path(cfg, group), json_flag=None)
     if fit:
         train = evaluate_task(task, cfg, split="train")
         result["train_split"] = {a: {k: r[k] for k in ("best_source", "min_entropy", "component", "target")}
@@ -419,4 +420,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    run(lambda: main(get_args_parser().parse_args()))
+    run(lambda: main(get_args_parser().parse_args()),
+        interrupted="finished nets and saved epochs are kept: rerun the same command to go on")

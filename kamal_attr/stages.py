@@ -183,8 +183,7 @@ def train_source_net(spec: SourceNetSpec, cfg: RunConfig,
     plan = plan_net(source_dir(cfg.sources_root, spec), cfg.source_epochs, recipe, cfg, name,
                 _retrain_source(cfg, spec))
     if plan.done:
-        log.info("%s: %s exists, reusing it (same recipe; train_sourcenet.py --overwrite "
-                 "retrains it)", name, plan.final)
+        log.info("%s: %s exists, reusing it (same recipe)", name, plan.final)
         return plan.final
     seed_everything(seed)
     train_data = dataset(cfg, "train", spec.attributes, train=True, part=part)
@@ -309,9 +308,11 @@ def task_flags(task: Task, cfg: RunConfig) -> str:
 
 def check_component_teachers(task: Task, attribute: str, path: Path, record: dict[str, Any],
                              cfg: RunConfig) -> None:
-    """Stop if a teacher of the component at ``path`` (one that is still on disk) was
-    retrained since the component learnt from it: its weight digest differs from the one in
-    the component's recipe. (Stage 1 checks this itself; ``--stage target`` alone calls it.)"""
+    """Stop if a teacher this run names for ``attribute`` (where it is on disk) has other
+    weights than the component at ``path`` learnt from: its digest differs from the one in
+    the component's recipe, as stage 1 would find (it was retrained since, or another
+    ``--sorce_saveEpoch`` names another file). Stage 1 checks this itself; ``--stage
+    target`` alone calls it."""
     learnt = record.get("recipe", {}).get("teachers", {})
     changed = []
     for teacher in task.teachers[attribute]:
@@ -321,10 +322,11 @@ def check_component_teachers(task: Task, attribute: str, path: Path, record: dic
             if digest != learnt[teacher.name]:
                 changed.append(f"teachers.{teacher.name}: {learnt[teacher.name]} -> {digest}")
     if changed:
-        raise KamalError(f"component {task.name}/{attribute}: {path} learnt from teachers that "
-                         f"were retrained since ({'; '.join(changed)}); retrain it with: python "
-                         f"train.py {task_flags(task, cfg)} --stage component --overwrite "
-                         "(and the flags it was trained with)")
+        raise KamalError(f"component {task.name}/{attribute}: {path} learnt from other teacher "
+                         f"weights than this run names ({'; '.join(changed)}: retrained since, or "
+                         f"another --sorce_saveEpoch); retrain it with: python train.py "
+                         f"{task_flags(task, cfg)} --stage component --overwrite (and the flags "
+                         "it was trained with)")
 
 
 def train_target(task: Task, cfg: RunConfig, data: TaskData | None = None,

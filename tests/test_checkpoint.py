@@ -64,8 +64,9 @@ def test_overwrite_removes_only_files_it_proves_are_its_own(tmp_path):
     save_net(tmp_path / "epoch_001.pth")
     save_net(tmp_path / "last.pth")
     save_net(tmp_path / "epoch_best.pth")  # a user's copy: a checkpoint, but not one of our names
-    killed = tmp_path / "last.pth.x1y2z3_a.kamal_attr.tmp"  # a write killed half-way
-    killed.write_bytes(b"half a write")
+    for killed in ("last.pth.x1y2z3_a.kamal_attr.tmp",  # writes killed half-way, named as
+                   "epoch_001.pthab12cd_9.tmp"):          # now and as earlier versions did
+        (tmp_path / killed).write_bytes(b"half a write")
     users = {"model.pth.download.tmp": b"someone's download", "epoch_003.pth.tmp": b"theirs",
              "notes.txt": b"mine", "epoch_1.pth": b"not our name either"}
     for name, data in users.items():
@@ -84,6 +85,22 @@ def test_overwrite_stops_before_removing_anything_at_a_file_it_cannot_prove_is_i
                        r"and .*epoch_002.pth does not load as one \(the file is empty\): move or remove it"):
         plan(tmp_path, overwrite=True)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_nets_made_before_the_recipe_changed_form_are_still_reused(tmp_path):
+    """Earlier versions put the data's folder in the recipe, and ImageNet starting weights by
+    file name only: such a net is reused (and resumed) as long as the rest matches."""
+    recipe = {"seed": 1, "data": "abc", "init": "ImageNet weights r18.pth (sha256 0123456789abcdef)"}
+    old = {"seed": 1, "data": "abc", "data_root": "/where/it/was", "init": "ImageNet weights r18.pth"}
+    save_net(tmp_path / "epoch_002.pth", epoch=2, recipe=old)
+    assert plan_training(tmp_path, 2, recipe, False, "net", "this command").done
+    # another file name, or other data, is still another recipe (and said without data_root)
+    with pytest.raises(KamalError, match=r"init: ImageNet weights r18.pth -> ImageNet weights "
+                       r"r34.pth \(sha256 0123456789abcdef\)\)"):
+        plan_training(tmp_path, 2, {**recipe, "init": recipe["init"].replace("r18", "r34")},
+                      False, "net", "this command")
+    with pytest.raises(KamalError, match=r"another recipe \(checkpoint -> this run: data: abc -> xyz\)"):
+        plan_training(tmp_path, 2, {**recipe, "data": "xyz"}, False, "net", "this command")
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path):

@@ -124,7 +124,8 @@ def test_evaluate_writes_json(trained, tmp_path):
     assert json.loads(out.read_text()) == result
     theirs = tmp_path / "notes.json"
     theirs.write_text('{"my": "notes"}')
-    with pytest.raises(KamalError, match="--json .*notes.json exists and is not a result evaluate.py wrote"):
+    with pytest.raises(KamalError, match="notes.json exists and is not an evaluation result of this "
+                       "project; it is never overwritten: pass another --json"):
         evaluate.main(evaluate.get_args_parser().parse_args(amalgamate + ["--json", str(theirs)]))
     assert theirs.read_text() == '{"my": "notes"}' and sorted(p.name for p in tmp_path.iterdir()) == [
         "hair.json", "notes.json"]

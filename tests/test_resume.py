@@ -113,9 +113,10 @@ def test_a_retrained_teacher_makes_its_component_stale(uninterrupted, synthetic_
     # the target stage alone does not reuse (or train from) that component either
     args = train.get_args_parser().parse_args(amalgamation_args(root, synthetic_root)
                                               + ["--stage", "target"])
-    with pytest.raises(KamalError, match=r"component face/Young: .* learnt from teachers that were "
-                       r"retrained since \(teachers.source3_Young: \w+ -> \w+\); retrain it with: "
-                       r"python train.py --target_attribute face --stage component --overwrite"):
+    with pytest.raises(KamalError, match=r"component face/Young: .* learnt from other teacher weights "
+                       r"than this run names \(teachers.source3_Young: \w+ -> \w+: retrained since, "
+                       r"or another --sorce_saveEpoch\); retrain it with: python train.py "
+                       r"--target_attribute face --stage component --overwrite"):
         train.main(args)
 
 

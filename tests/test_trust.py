@@ -118,14 +118,15 @@ def test_leftovers_of_a_killed_generator_are_removed_and_foreign_lookalikes_kept
 
 
 def test_ctrl_c_while_drawing_removes_the_unfinished_dataset_and_says_so(tmp_path):
-    """Ctrl-C (a real SIGINT) once the drawing processes are at work: exit 130, one line
-    saying what happened, no traceback of any process, and no folder left behind."""
+    """Ctrl-C (a real SIGINT to the whole process group, as a terminal sends it) once the
+    drawing processes are at work: exit 130, one line saying what happened, no traceback of
+    any process, and no folder left behind."""
     out = tmp_path / "synthetic"
     child = subprocess.Popen(
         [sys.executable, "-c", "import runpy, signal; signal.signal(signal.SIGINT, "
          "signal.default_int_handler); runpy.run_module('kamal_attr.synthetic', "
          "run_name='__main__', alter_sys=True)", "--out", str(out), "--num_images", "4000",
-         "--workers", "2"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+         "--workers", "2"], cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
     images = None
     for _ in range(600):  # up to a minute for the first drawn faces to appear
         images = next(tmp_path.glob(".synthetic.partial-*/img_align_celeba"), None)
@@ -133,7 +134,7 @@ def test_ctrl_c_while_drawing_removes_the_unfinished_dataset_and_says_so(tmp_pat
             break
         time.sleep(0.1)
     assert images is not None, "the generator never started drawing"
-    child.send_signal(signal.SIGINT)
+    os.killpg(child.pid, signal.SIGINT)
     err = child.communicate(timeout=60)[1]
     assert child.returncode == 130, err
     assert err.strip().splitlines()[-1] == (
@@ -205,6 +206,19 @@ def test_unreadable_imagenet_weights_stop_in_one_line_before_any_data_is_made(tm
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"cannot load {weights} as a state dict" in err and "weights_only=False" not in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
+
+def test_demo_stops_before_the_data_when_its_result_file_is_someone_elses(tmp_path, capsys):
+    theirs = tmp_path / "out/run/demo/evaluate_hair_entropy.json"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text("my notes")
+    code, err = call(train, ["--demo", "--save_root", str(tmp_path / "out"), "--data_root",
+                             str(tmp_path / "data"), "--device", "cpu"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "evaluate_hair_entropy.json exists and is not an evaluation result of this project" in err
+    assert theirs.read_text() == "my notes" and not (tmp_path / "data").exists()
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == [
+        "demo", "evaluate_hair_entropy.json", "run"]
 
 
 def test_real_preset_without_imagenet_weights_is_an_error(tmp_path, capsys):
