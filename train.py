@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from kamal_attr.cli import RESUME, run
+from kamal_attr.cli import resume_hint, run
 from kamal_attr.config import amalgamation_parser, resolve_config
 from kamal_attr.distributed import is_main_process
 from kamal_attr.evaluation import check_result_path, demo_result_path, report_task
@@ -52,4 +52,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    run(lambda: main(get_args_parser().parse_args()), interrupted=RESUME)
+    args = get_args_parser().parse_args()
+    run(lambda: main(args), interrupted=resume_hint(args.overwrite))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from kamal_attr import KamalError
-from kamal_attr.cli import RESUME, ArgumentParser, run
+from kamal_attr.cli import ArgumentParser, resume_hint, run
 from kamal_attr.config import (DEMO, POSITIVE, REAL, WIDTH, add_common_args, learning_rate,
                                resolve_config)
 from kamal_attr.models import ARCHS, build_model
@@ -91,4 +91,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    run(lambda: main(get_args_parser().parse_args()), interrupted=RESUME)
+    args = get_args_parser().parse_args()
+    run(lambda: main(args), interrupted=resume_hint(args.overwrite))

@@ -28,9 +28,9 @@ def load_failure(path: str | Path, error: Exception) -> str:
     if Path(path).stat().st_size == 0:
         return "the file is empty"
     text = str(error)
-    if "Weights only load failed" not in text:
+    if "weights_only" not in text.replace("Weights only", "weights_only"):
         return first_line(error)
     # torch's own text goes on to suggest weights_only=False, which would run the file's code
     if "Unsupported global" in text:
         return "it holds objects other than tensors and plain values, which weights_only refuses"
-    return "not a file written by torch.save: another format, a web page, or cut short"
+    return "not a file written by torch.save: another format, a web page, zeroed or cut short"

@@ -41,11 +41,12 @@ from .models import AttributeResNet
 FORMAT = "kamal_attr/1"
 KINDS = ("source", "component", "target")
 #: The end of :func:`atomic_save`'s temporary files, and the whole name of one left by a kill:
-#: a net's file name, mkstemp's random part, this suffix; or, as earlier versions
-#: named them, ``<net file><8 random characters>.tmp``. Nothing else there is removed.
+#: a net's file name, mkstemp's random part, this suffix. Nothing else there is removed.
 TMP_SUFFIX = ".kamal_attr.tmp"
-KILLED_WRITE = re.compile(r"(last|epoch_\d+)\.pth(\.[^.]+" + re.escape(TMP_SUFFIX)
-                          + r"|[a-z0-9_]{8}\.tmp)")
+KILLED_WRITE = re.compile(r"(last|epoch_[0-9]+)\.pth\.[^.]+" + re.escape(TMP_SUFFIX))
+#: How earlier versions named them (``last.pth`` + mkstemp's 8 characters + ``.tmp``): such a
+#: file is removed only when empty or a torch archive named after it (:func:`_killed_write`).
+OLD_KILLED_WRITE = re.compile(r"(last|epoch_[0-9]+)\.pth[a-z0-9_]{8}\.tmp")
 
 
 class CheckpointError(KamalError):
@@ -223,10 +224,28 @@ def _stale(name: str, path: Path, ckpt: Mapping[str, Any], new: Mapping[str, Any
                       "or pass another --save_root")
 
 
+def _killed_write(path: Path) -> bool:
+    """Whether ``path`` is a temporary file of :func:`atomic_save` left by a kill: named as it
+    names them, or as earlier versions did and then also empty or a zip whose first entry
+    is under ``<its name>/`` (torch.save names its archive after the file)."""
+    if not path.is_file() or path.is_symlink():
+        return False
+    if KILLED_WRITE.fullmatch(path.name):
+        return True
+    if not OLD_KILLED_WRITE.fullmatch(path.name):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(30 + 256)
+    if not head:
+        return True
+    length = int.from_bytes(head[26:28], "little")
+    return head[:4] == b"PK\x03\x04" and head[30:30 + length].startswith(f"{path.stem}/".encode())
+
+
 def _remove_killed_writes(out_dir: Path) -> None:
-    """Temporary files of :func:`atomic_save` left by a kill (:data:`KILLED_WRITE` names only)."""
+    """Temporary files of :func:`atomic_save` left by a kill (:func:`_killed_write`)."""
     for path in out_dir.glob("*.tmp"):
-        if KILLED_WRITE.fullmatch(path.name) and path.is_file():
+        if _killed_write(path):
             path.unlink(missing_ok=True)
 
 
@@ -235,7 +254,6 @@ def clear_net(out_dir: Path) -> None:
     ``epoch_NNN.pth`` files and ``last.pth`` that load as this project's checkpoints, and
     temporary files of killed writes. A file there that does not load as one (damaged, or
     someone else's) stops the run before anything is removed; other names are not touched."""
-    _remove_killed_writes(out_dir)
     ours = [p for p in [epoch_file(out_dir, e) for e in available_epochs(out_dir)]
             + [out_dir / "last.pth"] if p.exists()]
     for path in ours:  # all proven ours before the first is removed
@@ -245,6 +263,7 @@ def clear_net(out_dir: Path) -> None:
             raise KamalError(f"--overwrite removes only this project's checkpoints, and {path} "
                              f"does not load as one ({e.reason}): move or remove it yourself, "
                              "then rerun") from None
+    _remove_killed_writes(out_dir)
     for path in ours:
         path.unlink()
 

@@ -18,8 +18,15 @@ def one_line(error: BaseException) -> str:
     return str(error)
 
 
-#: What Ctrl-C leaves of a training run, and what to do next.
-RESUME = "saved epochs are kept: rerun the same command, without --overwrite, to resume"
+def resume_hint(overwrite: bool) -> str:
+    """What Ctrl-C leaves of a training run, and what to do next. ``--overwrite`` starts each
+    net over when its turn comes, so a rerun with it starts over again, and one without it
+    meets the nets this run had not reached yet, still of their old recipe."""
+    if not overwrite:
+        return "saved epochs are kept: rerun the same command to resume"
+    return ("saved epochs are kept: rerun without --overwrite to resume the interrupted net and "
+            "reuse those this run finished (a net it had not reached, still of its old recipe, "
+            "then stops the run); with --overwrite every net starts over")
 
 
 def run(main: Callable[[], None], interrupted: str = "rerun the same command") -> None:

@@ -309,10 +309,11 @@ def task_flags(task: Task, cfg: RunConfig) -> str:
 def check_component_teachers(task: Task, attribute: str, path: Path, record: dict[str, Any],
                              cfg: RunConfig) -> None:
     """Stop if a teacher this run names for ``attribute`` (where it is on disk) has other
-    weights than the component at ``path`` learnt from: its digest differs from the one in
-    the component's recipe, as stage 1 would find (it was retrained since, or another
-    ``--sorce_saveEpoch`` names another file). Stage 1 checks this itself; ``--stage
-    target`` alone calls it."""
+    weights than the component at ``path`` learnt from under that name: its digest differs
+    from the one in the component's recipe (it was retrained since, or another
+    ``--sorce_saveEpoch`` names another file). Only that: the component's own flags are
+    those of the run that made it. Stage 1 checks its whole recipe; ``--stage target``
+    alone calls this."""
     learnt = record.get("recipe", {}).get("teachers", {})
     changed = []
     for teacher in task.teachers[attribute]:

@@ -514,10 +514,10 @@ def generate(out: str | Path, num_images: int = 8000, seed: int = 0,
             "".join(f"{n} {p}\n" for n, p in zip(names, partition)))
         (tmp / STYLE_LIST).write_text(
             "".join(f"{n} {STYLES[s]}\n" for n, s in zip(names, styles)))
-    except BaseException:  # Ctrl-C or an error: the unfinished folder, made above, goes
+        check_writable(out)  # again: the folder may have changed while drawing
+    except BaseException:  # Ctrl-C or an error: the folder drawn into, made above, goes
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    check_writable(out)  # again: the folder may have changed while drawing
     if out.exists():  # ours or empty (checked): replaced only now that the new one is whole
         old = out.with_name(f".{out.name}.partial-old-{os.getpid()}")
         out.rename(old)

@@ -30,8 +30,10 @@ def plan(folder: Path, overwrite: bool = False):
 @pytest.mark.parametrize("damage, reason", [
     (lambda data: b"", "the file is empty"),
     (lambda data: data[: len(data) // 2], ""),  # cut short: torch's own first line
-    (lambda data: data[:100] + bytes(len(data) - 100), ""),
-], ids=["empty", "cut short", "zeroed"])
+    (lambda data: data[:100] + bytes(len(data) - 100), ""),  # zeroed after its first bytes
+    (lambda data: bytes(len(data)), "not a file written by torch.save"),  # zeroed (a power loss)
+    (lambda data: b"<html>404</html>", "not a file written by torch.save"),  # a failed download
+], ids=["empty", "cut short", "zeroed tail", "zeroed", "web page"])
 def test_a_damaged_checkpoint_is_one_error_line_naming_it(tmp_path, capsys, damage, reason):
     save_net(tmp_path / "epoch_001.pth")
     last = tmp_path / "last.pth"
@@ -39,7 +41,9 @@ def test_a_damaged_checkpoint_is_one_error_line_naming_it(tmp_path, capsys, dama
     last.write_bytes(damage(last.read_bytes()))
     with pytest.raises(CheckpointError, match=f"cannot load checkpoint {last} \\({reason}") as caught:
         plan(tmp_path)
-    assert "remove or replace it" in str(caught.value) and "\n" not in str(caught.value)
+    message = str(caught.value)
+    assert "remove or replace it" in message and "\n" not in message
+    assert "weights_only=False" not in message and "False" not in message, message
     with pytest.raises(SystemExit) as code:  # as a script shows it: one line, exit 2
         run(lambda: plan(tmp_path))
     err = capsys.readouterr().err
@@ -64,11 +68,12 @@ def test_overwrite_removes_only_files_it_proves_are_its_own(tmp_path):
     save_net(tmp_path / "epoch_001.pth")
     save_net(tmp_path / "last.pth")
     save_net(tmp_path / "epoch_best.pth")  # a user's copy: a checkpoint, but not one of our names
-    for killed in ("last.pth.x1y2z3_a.kamal_attr.tmp",  # writes killed half-way, named as
-                   "epoch_001.pthab12cd_9.tmp"):          # now and as earlier versions did
-        (tmp_path / killed).write_bytes(b"half a write")
+    (tmp_path / "last.pth.x1y2z3_a.kamal_attr.tmp").write_bytes(b"half a write")  # killed writes
+    torch.save({"a": torch.zeros(3)}, tmp_path / "epoch_001.pthab12cd_9.tmp")  # as named before
+    (tmp_path / "last.pthzz99yy88.tmp").write_bytes(b"")  # killed before it wrote a byte
     users = {"model.pth.download.tmp": b"someone's download", "epoch_003.pth.tmp": b"theirs",
-             "notes.txt": b"mine", "epoch_1.pth": b"not our name either"}
+             "notes.txt": b"mine", "epoch_1.pth": b"not our name either",
+             "last.pth_partial.tmp": b"an old name's shape, but not a torch archive of its name"}
     for name, data in users.items():
         (tmp_path / name).write_bytes(data)
     clear_net(tmp_path)
