@@ -10,6 +10,7 @@ loaders, the demo data) -> ``routing`` -> ``stages`` (what the scripts call) and
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -24,13 +25,16 @@ def first_line(error: BaseException) -> str:
 
 
 def load_failure(path: str | Path, error: Exception) -> str:
-    """Why ``torch.load(path, weights_only=True)`` failed, in a few words for an error line."""
+    """Why ``torch.load(path, weights_only=True)`` failed, in a few words for an error line.
+
+    In our words: torch's own text about weights_only goes on to suggest
+    ``weights_only=False``, which would run the file's code."""
     if Path(path).stat().st_size == 0:
         return "the file is empty"
     text = str(error)
-    if "weights_only" not in text.replace("Weights only", "weights_only"):
-        return first_line(error)
-    # torch's own text goes on to suggest weights_only=False, which would run the file's code
-    if "Unsupported global" in text:
-        return "it holds objects other than tensors and plain values, which weights_only refuses"
-    return "not a file written by torch.save: another format, a web page, zeroed or cut short"
+    pickled = re.search(r"GLOBAL ([A-Za-z_][\w.]*\.[A-Za-z_]\w*)", text)
+    if pickled:
+        return f"it holds pickled objects ({pickled.group(1)}), which weights_only refuses to load"
+    about_weights_only = re.search(r"weights[ _]only", text, re.IGNORECASE)
+    detail = "" if about_weights_only else f" ({type(error).__name__}: {first_line(error)})"
+    return f"torch cannot read it safely: another format, damaged or cut short{detail}"

@@ -227,19 +227,23 @@ def _stale(name: str, path: Path, ckpt: Mapping[str, Any], new: Mapping[str, Any
 def _killed_write(path: Path) -> bool:
     """Whether ``path`` is a temporary file of :func:`atomic_save` left by a kill: named as it
     names them, or as earlier versions did and then also empty or a zip whose first entry
-    is under ``<its name>/`` (torch.save names its archive after the file)."""
+    is under ``<its name>/`` (torch.save names its archive after the file) or ``archive/``."""
     if not path.is_file() or path.is_symlink():
         return False
     if KILLED_WRITE.fullmatch(path.name):
         return True
     if not OLD_KILLED_WRITE.fullmatch(path.name):
         return False
-    with open(path, "rb") as f:
-        head = f.read(30 + 256)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(30 + 256)
+    except OSError:  # unreadable: not proven ours
+        return False
     if not head:
         return True
     length = int.from_bytes(head[26:28], "little")
-    return head[:4] == b"PK\x03\x04" and head[30:30 + length].startswith(f"{path.stem}/".encode())
+    entry = head[30:30 + length]  # torch names the archive "archive/" where the name is not ASCII
+    return head[:4] == b"PK\x03\x04" and entry.startswith((f"{path.stem}/".encode(), b"archive/"))
 
 
 def _remove_killed_writes(out_dir: Path) -> None:

@@ -20,13 +20,13 @@ def one_line(error: BaseException) -> str:
 
 def resume_hint(overwrite: bool) -> str:
     """What Ctrl-C leaves of a training run, and what to do next. ``--overwrite`` starts each
-    net over when its turn comes, so a rerun with it starts over again, and one without it
-    meets the nets this run had not reached yet, still of their old recipe."""
+    net over when its turn comes, so a rerun with it starts them over again, and one without
+    it meets the nets this run had not reached yet, maybe still of their old recipe."""
     if not overwrite:
         return "saved epochs are kept: rerun the same command to resume"
     return ("saved epochs are kept: rerun without --overwrite to resume the interrupted net and "
-            "reuse those this run finished (a net it had not reached, still of its old recipe, "
-            "then stops the run); with --overwrite every net starts over")
+            "reuse those this run finished (a net it had not reached stops the run if its recipe "
+            "changed), or with --overwrite to start them over again")
 
 
 def run(main: Callable[[], None], interrupted: str = "rerun the same command") -> None:

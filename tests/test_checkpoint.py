@@ -31,8 +31,8 @@ def plan(folder: Path, overwrite: bool = False):
     (lambda data: b"", "the file is empty"),
     (lambda data: data[: len(data) // 2], ""),  # cut short: torch's own first line
     (lambda data: data[:100] + bytes(len(data) - 100), ""),  # zeroed after its first bytes
-    (lambda data: bytes(len(data)), "not a file written by torch.save"),  # zeroed (a power loss)
-    (lambda data: b"<html>404</html>", "not a file written by torch.save"),  # a failed download
+    (lambda data: bytes(len(data)), "torch cannot read it safely"),  # zeroed (a power loss)
+    (lambda data: b"<html>404</html>", "torch cannot read it safely"),  # a failed download
 ], ids=["empty", "cut short", "zeroed tail", "zeroed", "web page"])
 def test_a_damaged_checkpoint_is_one_error_line_naming_it(tmp_path, capsys, damage, reason):
     save_net(tmp_path / "epoch_001.pth")
@@ -59,7 +59,7 @@ def test_a_damaged_checkpoint_is_one_error_line_naming_it(tmp_path, capsys, dama
 def test_a_file_that_would_run_code_is_refused_without_suggesting_to_run_it(tmp_path):
     path = tmp_path / "last.pth"
     torch.save({"format": "kamal_attr/1", "payload": Path("x")}, path)  # a pickled object
-    with pytest.raises(CheckpointError, match="objects other than tensors") as caught:
+    with pytest.raises(CheckpointError, match=r"holds pickled objects \(pathlib.PosixPath\)") as caught:
         load_checkpoint(path)
     assert "weights_only=False" not in str(caught.value)
 
@@ -79,6 +79,17 @@ def test_overwrite_removes_only_files_it_proves_are_its_own(tmp_path):
     clear_net(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["epoch_best.pth", *users])
     assert all((tmp_path / name).read_bytes() == data for name, data in users.items())
+
+
+def test_an_unreadable_file_named_like_an_old_temporary_file_is_kept_not_a_crash(tmp_path, monkeypatch):
+    import kamal_attr.checkpoint as checkpoint
+    odd = tmp_path / "last.pthabcdefgh.tmp"
+    odd.write_bytes(b"")
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError("permission denied")
+    monkeypatch.setattr(checkpoint, "open", unreadable, raising=False)
+    assert not plan(tmp_path).done and odd.exists()
 
 
 def test_overwrite_stops_before_removing_anything_at_a_file_it_cannot_prove_is_its_own(tmp_path):
