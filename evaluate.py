@@ -37,12 +37,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     cfg = resolve_config(args)
-    check_task_flags(args.target_attribute, args.attributes)
+    group = check_task_flags(args.target_attribute, args.attributes)
     demo_data_needed(cfg)
     if args.json:  # before any evaluation: a file that is not ours stops the run now
         check_result_path(args.json)
     if not args.checkpoint:  # an uncovered attribute or an epoch that was not saved: stop
-        task = select_task(args.target_attribute, args.attributes, args.name,  # before writing
+        task = select_task(group, args.attributes, args.name,  # before writing
                            cfg.sources_root, cfg.source_save_epoch)
         locate_nets(task, cfg)
     start(cfg)

@@ -29,7 +29,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 import torch
 
@@ -105,16 +105,17 @@ def target_dir(root: str | Path, group: str, variant: str) -> Path:
     return Path(root) / group / variant
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder (``<name>.<random>.kamal_attr.tmp``),
-    flushed to disk, then renamed over ``path``: a crash or power loss mid-write never leaves a
-    truncated or empty checkpoint under the final name."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write`` the file into a temporary file in the same folder
+    (``<name>.<random>.kamal_attr.tmp``), flushed to disk, then renamed over ``path``: a
+    crash or power loss mid-write never leaves a truncated or empty file under the final
+    name, and a failed write leaves the previous one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -122,6 +123,16 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` of a checkpoint, through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """A text file (UTF-8), through :func:`atomic_write`."""
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _sync_folder(folder: Path) -> None:
@@ -208,9 +219,9 @@ def read_recipe(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
 def made_by(ckpt: Mapping[str, Any], recipe: Mapping[str, Any]) -> bool:
     """Whether a checkpoint was made by ``recipe`` (its fingerprint, or its recorded recipe
     read as this version writes it: :func:`read_recipe`)."""
-    if ckpt.get("fingerprint") == fingerprint(recipe):
-        return True
-    return "recipe" in ckpt and fingerprint(read_recipe(ckpt["recipe"], recipe)) == fingerprint(recipe)
+    want = fingerprint(recipe)
+    return ckpt.get("fingerprint") == want or (
+        "recipe" in ckpt and fingerprint(read_recipe(ckpt["recipe"], recipe)) == want)
 
 
 def _stale(name: str, path: Path, ckpt: Mapping[str, Any], new: Mapping[str, Any],

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from . import KamalError
 from .celeba import IMAGENET_MEAN, IMAGENET_STD
-from .checkpoint import component_dir, load_net, saved_epoch, target_dir
+from .checkpoint import atomic_write_text, component_dir, load_net, saved_epoch, target_dir
 from .config import RunConfig
 from .engine import accuracy_per_head, predict, predict_many
 from .losses import entropy_impurity, route_by_entropy
@@ -379,13 +378,7 @@ def check_result_path(path: Path, flag: str | None = "--json") -> None:
 def write_result(path: Path, result: dict[str, Any], flag: str | None = "--json") -> None:
     """Write a result as JSON to ``path`` (:func:`check_result_path` first), atomically."""
     check_result_path(path, flag)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # ours, and gone once renamed
+    atomic_write_text(path, json.dumps(result, indent=2))
     print(f"(written to {path})")
 
 

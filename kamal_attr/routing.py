@@ -2,7 +2,6 @@
 entropy impurity, choose who teaches it, and write the port's routing lists."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from .celeba import CelebA
+from .checkpoint import atomic_write_text
 from .config import RunConfig
 from .distributed import broadcast, is_main_process
 from .engine import predict_many
@@ -66,8 +66,6 @@ def write_routing(folder: Path, names: Sequence[str], files: Sequence[Path],
     for i, name in enumerate(names):
         path = folder / routing_list_name(name)
         chosen = [files[n].name for n in torch.nonzero(weights[:, i] > 0).squeeze(1).tolist()]
-        tmp = path.with_suffix(".txt.tmp")
-        tmp.write_text("".join(name + "\n" for name in chosen))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(name + "\n" for name in chosen))
         written.append(path)
     return written
