@@ -208,15 +208,13 @@ def eval_loader(cfg: RunConfig, data: CelebA) -> DeviceBatches:
 
 
 def open_writer(run_dir: Path, cfg: RunConfig, about: dict, start_epoch: int) -> SummaryWriter | None:
-    """The TensorBoard run of one net (None outside the main process). A fresh start removes
-    the run's old event files (and only those); a resumed one keeps them and drops their
-    events from ``start_epoch`` on."""
+    """The TensorBoard run of one net (None outside the main process), appended to its
+    folder: no event file is removed. The new file starts with TensorBoard's purge marker
+    (``purge_step``), so that TensorBoard hides the folder's older events from step 0 on for
+    a fresh start (an earlier run of the net) and from ``start_epoch`` on when resuming."""
     if not is_main_process():
         return None
-    if start_epoch == 1:
-        for events in run_dir.glob("events.out.tfevents.*"):
-            events.unlink()
-    writer = SummaryWriter(str(run_dir), purge_step=start_epoch if start_epoch > 1 else None)
+    writer = SummaryWriter(str(run_dir), purge_step=start_epoch if start_epoch > 1 else 0)
     writer.add_text("args", "```\n" + json.dumps({**cfg.args, **about}, indent=1, default=str)
                     + "\n```", start_epoch)
     return writer

@@ -151,3 +151,23 @@ def test_a_resume_under_other_conditions_is_said(uninterrupted, synthetic_root, 
     with caplog.at_level("WARNING", logger="kamal_attr"):
         train_sourcenet.main(train_sourcenet.get_args_parser().parse_args(args))
     assert "epochs 1-2 ran under other conditions (precision: bf16 -> fp32)" in caplog.text
+
+
+def test_a_net_trained_again_hides_its_old_tensorboard_events_without_removing_them(
+        uninterrupted, synthetic_root, tmp_path):
+    """Event files are never removed (they may be the only record of a run); the new run's
+    purge marker makes TensorBoard show only its own points."""
+    import shutil
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    root = tmp_path / "copy"
+    for folder in ("snapshot", "run"):
+        shutil.copytree(uninterrupted / folder, root / folder)
+    logs = root / "run/sources/face/source1_Oval_Face"
+    old = set(logs.glob("events.out.tfevents.*"))
+    retrain = ["--target_attribute", "Oval_Face", "--source_id", "1", "--epochs", "1", "--width",
+               "4", "--pretrained", "none", "--overwrite"] + common(root, synthetic_root)
+    train_sourcenet.main(train_sourcenet.get_args_parser().parse_args(retrain))
+    assert old and old < set(logs.glob("events.out.tfevents.*"))
+    shown = EventAccumulator(str(logs))
+    shown.Reload()
+    assert [s.step for s in shown.Scalars("lr")] == [1]
