@@ -109,7 +109,12 @@ def evaluate_task(task: Task, cfg: RunConfig, split: str = "test",
         return rec
 
     if nets["target"] is not None:
-        add(("target",), nets["target"], "target")
+        heads = add(("target",), nets["target"], "target")["attributes"]
+        missing = [a for a in attributes if a not in heads]
+        if missing:
+            raise KamalError(f"{nets['target']}: the target net has no head for "
+                             f"{', '.join(missing)} (its heads: {', '.join(heads)}); name the "
+                             "attributes it was trained for")
     else:
         log.warning("no target net in %s", target_dir(cfg.target_root, task.name, cfg.variant))
     for attribute in attributes:
@@ -133,7 +138,8 @@ def evaluate_task(task: Task, cfg: RunConfig, split: str = "test",
     outputs, _ = predict_many(list(models.values()), eval_loader(cfg, test_data), device,
                               desc=f"evaluating {len(models)} nets")  # float32: the reported figures
     logits_of = dict(zip(models, outputs))
-    target_logits = logits_of.get(("target",))
+    target_logits = logits_of.get(("target",))  # its heads matched by name, in any order
+    target_heads = models["target",][1].attributes if target_logits is not None else []
     result: dict[str, Any] = {"group": task.name, "split": split, "variant": cfg.variant,
                               "attributes": {}}
     correct_h, wrong_h = [], []
@@ -173,7 +179,8 @@ def evaluate_task(task: Task, cfg: RunConfig, split: str = "test",
         component_logits = logits_of.get(("component", attribute))
         row["component"] = (None if component_logits is None
                             else _accuracy(component_logits[:, 0], labels[:, j]))
-        row["target"] = None if target_logits is None else _accuracy(target_logits[:, j], labels[:, j])
+        row["target"] = (None if target_logits is None else
+                         _accuracy(target_logits[:, target_heads.index(attribute)], labels[:, j]))
         result["attributes"][attribute] = row
     rows = result["attributes"].values()
     result["mean"] = {}

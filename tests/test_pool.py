@@ -195,6 +195,24 @@ def test_a_student_for_any_attributes_from_mixed_teachers(custom, capsys):
     assert result["cost"]["target"]["params"] == result["nets"]["target"]["params"] > 0
 
 
+def test_evaluate_reads_the_targets_heads_by_name_in_any_order_or_subset(custom, tmp_path):
+    root, select = custom
+    figures = {}
+    for order in (["Bangs", "Male"], ["Male", "Bangs"], ["Male"]):
+        out = tmp_path / f"{'-'.join(order)}.json"
+        evaluate.main(evaluate.get_args_parser().parse_args(
+            ["--attributes", *order, *select[3:], "--json", str(out)]))
+        rows = json.loads(out.read_text())["attributes"]
+        figures["-".join(order)] = {a: (r["target"], r["component"]) for a, r in rows.items()}
+    assert figures["Male-Bangs"] == figures["Bangs-Male"]
+    assert figures["Male"]["Male"] == figures["Bangs-Male"]["Male"]
+    other = root / "snapshot/target/other/entropy/epoch_001.pth"  # a target for Bangs alone
+    atomic_save(net_record("target", AttributeResNet(["Bangs"], 6), 32, 1, {}), other)
+    named = [*select[:4], "other", *select[5:]]  # --attributes Bangs Male --name other
+    with pytest.raises(KamalError, match="the target net has no head for Male"):
+        evaluate.main(evaluate.get_args_parser().parse_args(named))
+
+
 def test_list_pool_and_the_uncovered_attribute_error(custom, tmp_path):
     root, select = custom
     listing = subprocess.run([sys.executable, "train_sourcenet.py", "--list_pool", "--save_root",
