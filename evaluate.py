@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kamal_attr.cli import ArgumentParser, run
+from kamal_attr.cli import ArgumentParser, refuse_ignored, run
 from kamal_attr.config import add_amalgamation_args, add_common_args, add_task_args, resolve_config
 from kamal_attr.distributed import is_main_process
 from kamal_attr.evaluation import (check_result_path, evaluate_checkpoint, locate_nets,
@@ -38,6 +38,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     cfg = resolve_config(args)
     group = check_task_flags(args.target_attribute, args.attributes)
+    if args.checkpoint:
+        refuse_ignored("--checkpoint", "evaluates that one file", {
+            "--target_attribute": args.target_attribute, "--attributes": args.attributes,
+            "--name": args.name, "--by_style": args.by_style,
+            "--selection": None if args.selection == "entropy" else args.selection,
+            "--no_feature_loss": args.no_feature_loss, "--no_penalty": args.no_penalty})
     demo_data_needed(cfg)
     if args.json:  # before any evaluation: a file that is not ours stops the run now
         check_result_path(args.json)

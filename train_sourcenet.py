@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from kamal_attr import KamalError
-from kamal_attr.cli import ArgumentParser, resume_hint, run
+from kamal_attr.cli import ArgumentParser, refuse_ignored, resume_hint, run
 from kamal_attr.config import (DEMO, POSITIVE, REAL, WIDTH, add_common_args, learning_rate,
                                resolve_config)
 from kamal_attr.models import ARCHS, build_model
@@ -70,6 +70,10 @@ def parse_part(text: str | None) -> tuple[int, int] | None:
 def main(args: argparse.Namespace) -> None:
     cfg = resolve_config(args)
     if args.list_pool:
+        refuse_ignored("--list_pool", "lists the pool and trains nothing", {
+            "--all": args.all, "--group": args.group, "--target_attribute": args.target_attribute,
+            "--source_id": args.source_id, "--attributes": args.attributes, "--name": args.name,
+            "--train_part": args.train_part})
         print(format_pool(*discover_pool(cfg.sources_root, cfg.source_save_epoch), cfg.sources_root))
         return
     part = parse_part(args.train_part)

@@ -40,6 +40,10 @@ from .models import AttributeResNet
 
 FORMAT = "kamal_attr/1"
 KINDS = ("source", "component", "target")
+#: What every checkpoint's record says of its net (:func:`net_record`; "arch" came later),
+#: with the type it is read as.
+RECORD_TYPES = {"kind": str, "width": int, "attributes": list, "image_size": int,
+                "epoch": int, "model": dict}
 #: The end of :func:`atomic_save`'s temporary files, and the whole name of one left by a kill:
 #: a net's file name, mkstemp's random part, this suffix. Nothing else there is removed.
 TMP_SUFFIX = ".kamal_attr.tmp"
@@ -123,6 +127,23 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_writable(path: str | Path, flag: str | None = None) -> None:
+    """Stop before the work whose result goes to ``path`` if it could not be written there:
+    the nearest existing folder above it is a file, read-only, or not ours to write.
+    Nothing is created. ``flag``: the option that named ``path``, for the hint."""
+    path = Path(path).absolute()
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    named = f"{flag} {path}" if flag else str(path)
+    hint = f"pass another {flag}" if flag else "make it writable or choose another --save_root"
+    if not folder.is_dir():
+        raise KamalError(f"{named} cannot be written: {folder} is a file, not a folder; {hint}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise KamalError(f"{named} cannot be written: {folder} is read-only or not yours to "
+                         f"write; {hint}")
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -332,6 +353,10 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(path, f"no '{FORMAT}' record: not a kamal_attr checkpoint",
                               "move it out of the project's folders")
+    wrong = [k for k, kind in RECORD_TYPES.items() if not isinstance(ckpt.get(k), kind)]
+    if wrong:
+        raise CheckpointError(path, f"its record lacks {', '.join(wrong)} or has another type "
+                                    "there", "replace it with a complete copy")
     return ckpt
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, NoReturn
+from typing import Any, Callable, Mapping, NoReturn
 
 from . import KamalError
 from .distributed import leave_group
@@ -31,8 +31,9 @@ def resume_hint(overwrite: bool) -> str:
 
 def run(main: Callable[[], None], interrupted: str = "rerun the same command") -> None:
     """Call ``main``; a :class:`KamalError` (bad files or flags) exits 2 with ``error: ...``,
-    Ctrl-C exits 130 saying what ``interrupted`` left. After a run under torchrun, the
-    process leaves its group (NCCL warns at exit otherwise)."""
+    an ``OSError`` (a path that cannot be written) exits 1 with one such line, Ctrl-C exits
+    130 saying what ``interrupted`` left. After a run under torchrun, the process leaves
+    its group (NCCL warns at exit otherwise)."""
     try:
         main()
         leave_group()
@@ -42,11 +43,33 @@ def run(main: Callable[[], None], interrupted: str = "rerun the same command") -
     except KeyboardInterrupt:
         print(f"interrupted; {interrupted}", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # a read-only or full disk, a file where a folder goes: not a bug
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e} (check that path, its permissions and free "
+              "space, or choose another --save_root/--out)", file=sys.stderr)
+        sys.exit(1)
+
+
+def refuse_ignored(mode: str, does: str, given: Mapping[str, Any]) -> None:
+    """Stop when flags that ``mode`` would ignore were given (a value other than None or
+    False): a flag that does nothing must not look as if it had done something."""
+    used = [flag for flag, value in given.items() if value is not None and value is not False]
+    if used:
+        raise KamalError(f"{mode} {does}, so {', '.join(used)} would be ignored: drop "
+                         f"{'it' if len(used) == 1 else 'them'}, or drop {mode}")
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse`` whose errors (unknown flag, value out of range) are one line and exit 2,
-    like every other user error of the scripts."""
+    like every other user error of the scripts. A module of the package run as
+    ``python -m kamal_attr.<module>`` is named so in its usage and hints (argparse would
+    name its file, which cannot be run as ``<module>.py``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if "prog" not in kwargs and spec is not None and spec.name.startswith(f"{__package__}."):
+            kwargs["prog"] = f"python -m {spec.name}"
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")

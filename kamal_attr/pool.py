@@ -11,6 +11,7 @@ each serving **every** attribute it has a head for.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,6 +21,8 @@ from .attributes import (CELEBA_ATTRIBUTES, GROUPS, SOURCE_NETS, SourceNetSpec, 
                          check_group, source_net, source_nets_of)
 from .checkpoint import (available_epochs, epoch_file, is_epoch_file, load_checkpoint,
                          source_dir)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -184,8 +187,11 @@ def pool_task(name: str, attributes: Sequence[str], root: Path, save_epoch: int,
 
     Raises, before anything is trained, when an attribute has no teacher (unless
     ``need_teachers`` is false: stage 2 learns from the components alone), with one line
-    listing the uncovered attributes and what the pool covers."""
-    entries, _ = discover_pool(root, save_epoch)
+    listing the uncovered attributes and what the pool covers. Files passed over are
+    logged, one warning each (as ``--list_pool`` lists them)."""
+    entries, notes = discover_pool(root, save_epoch)
+    for note in notes:
+        log.warning("teacher pool: %s", note)
     used = [e for e in entries if set(e.attributes) & set(attributes)]
     keys = {e.name: str(k) for k, e in enumerate(used, start=1)}
     teachers = {a: tuple(Teacher(keys[e.name], e.name, e.path) for e in used if a in e.attributes)
@@ -242,7 +248,7 @@ def select_source_nets(target_attribute: str | None, source_id: int | None, all_
                          "with --target_attribute and --source_id")
     if attributes:
         names = CELEBA_ATTRIBUTES if list(attributes) == ["all"] else tuple(
-            check_attribute(a) for a in attributes)
+            dict.fromkeys(check_attribute(a) for a in attributes))  # without repeats, as train.py
         return [SourceNetSpec("custom", 0, tuple(names), label=check_folder_name(name or "custom"))]
     if all_nets:
         return list(source_nets_of(group) if group else SOURCE_NETS)

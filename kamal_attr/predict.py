@@ -15,6 +15,7 @@ import csv
 import io
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -24,9 +25,9 @@ from torchvision import transforms
 
 from . import KamalError
 from .celeba import eval_geometry, load_image
-from .checkpoint import load_net
+from .checkpoint import check_writable, load_net
 from .cli import ArgumentParser, run
-from .config import BATCH_SIZE, WORKERS, check_device, default_device
+from .config import WORKERS, bounded_int, check_device, default_device
 from .engine import predict
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -90,7 +91,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
     p.add_argument("--checkpoint", type=Path, required=True, help="a .pth of this project")
     p.add_argument("--out", type=Path, help="CSV file to write (a new file; default: stdout)")
-    p.add_argument("--batch_size", type=BATCH_SIZE, default=64)
+    p.add_argument("--batch_size", type=bounded_int(1), default=64)
     p.add_argument("--workers", type=WORKERS, default=min(4, os.cpu_count() or 1),
                    help="image decoding processes (default: up to 4)")
     p.add_argument("--device", help="cuda, cpu... (default: cuda if present)")
@@ -100,6 +101,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     if args.out is not None and args.out.exists():
         raise KamalError(f"--out {args.out} exists; it is never overwritten: pass a new file")
+    if args.out is not None:
+        check_writable(args.out, "--out")
     device = check_device(args.device or default_device())
     images = find_images(args.inputs)
     attributes, probabilities = predict_images(args.checkpoint, images, device, args.batch_size,
@@ -110,14 +113,15 @@ def main(args: argparse.Namespace) -> None:
     text = io.StringIO()
     write_csv(text, images, attributes, probabilities)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + f".partial-{os.getpid()}")
-    tmp.write_text(text.getvalue())
+    fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=f"{args.out.name}.", suffix=".partial")
     try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text.getvalue())
         os.link(tmp, args.out)  # fails, instead of replacing, if --out appeared meanwhile
     except FileExistsError:
         raise KamalError(f"--out {args.out} exists; it is never overwritten: pass a new file") from None
     finally:
-        tmp.unlink()
+        os.remove(tmp)
     print(f"{len(images)} images, {len(attributes)} attributes: written to {args.out}",
           file=sys.stderr)
 

@@ -23,7 +23,7 @@ import torch
 
 from . import KamalError
 from .attributes import GROUPS
-from .checkpoint import component_dir, load_checkpoint
+from .checkpoint import atomic_write_text, check_writable, component_dir, load_checkpoint
 from .cli import ArgumentParser, run
 from .config import REPO_ROOT, amalgamation_parser, resolve_config
 from .distributed import rank_and_world
@@ -337,7 +337,7 @@ def write_markdown(report: dict[str, Any], pictures: list[str], out: Path) -> Pa
         lines.append("")
     lines += ["## Figures", ""] + [f"![{p}]({p})" for p in pictures]
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -352,6 +352,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, cpu... (default: cuda if present)")
     p.add_argument("--replot", action="store_true",
                    help="only redraw the figures and report.md from --out's report.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a report of other settings (seeds, groups, ablations) in --out")
     return p
 
 
@@ -360,20 +362,49 @@ OUTPUTS = ("report.md", "report.json", "entropy_histograms.png", "accuracy.png",
            "bridge_norms.png", "cost.png")
 
 
-def check_out(out: Path) -> None:
+def report_command(args: argparse.Namespace) -> str:
+    """The command line that makes this report (its settings; not where it is written)."""
+    return (f"python -m kamal_attr.report --demo --seeds {args.seeds}"
+            + ("" if args.groups == list(GROUPS) else " --groups " + " ".join(args.groups))
+            + (" --no_ablations" if args.no_ablations else ""))
+
+
+def read_report(path: Path) -> dict[str, Any] | None:
+    """An earlier report of this command (its ``report.json``), or None for anything else."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and "seeds" in report else None
+
+
+def check_out(out: Path, command: str | None, overwrite: bool) -> None:
     """Refuse a ``--out`` folder holding any file of the report's names that this command
-    did not write (a ``report.json`` of ours proves the folder is ours)."""
-    previous = out / "report.json"
-    ours = False
-    if previous.exists():
-        try:
-            ours = "seeds" in json.loads(previous.read_text())
-        except (ValueError, UnicodeDecodeError):
-            ours = False
+    did not write (a ``report.json`` of ours proves the folder is ours), or, unless
+    ``overwrite``, the report of another ``command`` (a 3-seed report took an hour and a
+    half: a quick one-seed run must not replace it unasked). ``command`` None: a redraw."""
+    check_writable(out / "report.json", "--out")
+    previous = read_report(out / "report.json")
     taken = [name for name in OUTPUTS if (out / name).exists()]
-    if taken and not ours:
+    if taken and previous is None:
         raise KamalError(f"{out} holds {', '.join(taken)}, which this command did not write; "
                          "pass another --out")
+    made_by = None if previous is None else previous.get("command", "an earlier version")
+    if made_by is not None and command is not None and made_by != command and not overwrite:
+        raise KamalError(f"{out} holds the report of `{made_by}`; this run "
+                         f"(`{command}`) would replace it: pass another --out, or --overwrite")
+
+
+def write_report(report: dict[str, Any], out: Path) -> Path:
+    """``report.json`` (atomically: it is the record), the figures and ``report.md`` into ``out``.
+    Figures of an earlier report in ``out`` that this one does not draw (its ablations, when
+    run without) are removed: they would stand beside a report that does not show them."""
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1))
+    pictures = figures(report, out)
+    for name in OUTPUTS:
+        if name.endswith(".png") and name not in pictures and (out / name).exists():
+            (out / name).unlink()
+    return write_markdown(report, pictures, out)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -383,22 +414,23 @@ def main(args: argparse.Namespace) -> None:
         raise KamalError(f"--seeds must be >= 1, got {args.seeds}")
     if rank_and_world()[1] > 1:
         raise KamalError("the report runs in one process: start it with python, not torchrun")
-    check_out(args.out)
+    check_out(args.out, None if args.replot else report_command(args), args.overwrite)
     if args.replot:
-        if not (args.out / "report.json").exists():
-            raise KamalError(f"--replot: no {args.out / 'report.json'}; run the report first")
-        report = json.loads((args.out / "report.json").read_text())
-        print(f"report redrawn: {write_markdown(report, figures(report, args.out), args.out)}")
+        report = read_report(args.out / "report.json")
+        if report is None:
+            raise KamalError(f"--replot: no report in {args.out / 'report.json'}; run the report "
+                             "first")
+        try:
+            print(f"report redrawn: {write_report(report, args.out)}")
+        except KeyError as e:
+            raise KamalError(f"--replot: {args.out / 'report.json'} lacks {e}; run the report "
+                             "again") from None
         return
     began = time.perf_counter()
     seeds = [3256 + k for k in range(args.seeds)]
     device = ["--device", args.device] if args.device else []
     report: dict[str, Any] = {"seeds": seeds, "runs": {}, "ablations": {}, "bridge_rms": {},
-                              "torch": torch.__version__,
-                              "command": "python -m kamal_attr.report --demo --seeds "
-                                         f"{args.seeds}" + ("" if args.groups == list(GROUPS) else
-                                                            " --groups " + " ".join(args.groups))
-                                         + (" --no_ablations" if args.no_ablations else "")}
+                              "torch": torch.__version__, "command": report_command(args)}
     for seed in seeds:
         for group in args.groups:
             result, cfg = run_demo(seed_flags(seed, seeds[0]) + device, group, fit=True)
@@ -412,10 +444,7 @@ def main(args: argparse.Namespace) -> None:
                     if variant == "no penalty" and seed == seeds[0]:
                         report["bridge_rms"]["without penalty"] = bridge_curves(cfg, group)
     report["seconds"] = time.perf_counter() - began
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=1))
-    pictures = figures(report, args.out)
-    path = write_markdown(report, pictures, args.out)
+    path = write_report(report, args.out)
     print(f"report written to {path} ({report['seconds'] / 60:.1f} min)")
 
 

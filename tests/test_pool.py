@@ -18,7 +18,7 @@ from kamal_attr.checkpoint import atomic_save, load_checkpoint, net_record
 from kamal_attr.methods import SelectiveAmalgamation, TargetAmalgamation
 from kamal_attr.models import (AttributeResNet, InputAdapter, check_tap_sizes, net_cost,
                                tap_channels, tap_shapes)
-from kamal_attr.pool import coverage, discover_pool, pool_task, preset_task
+from kamal_attr.pool import coverage, discover_pool, pool_task, preset_task, select_source_nets
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,6 +46,9 @@ def test_pool_finds_source_nets_at_any_depth_and_passes_over_the_rest(tmp_path):
     save_source(tmp_path / "odd/epoch_best.pth", ["Male"])  # not an epoch: a file of its own
     save_source(tmp_path / "broken/epoch_002.pth", ["Male"], epoch=2, epochs=2)
     (tmp_path / "broken/last.pth").write_bytes(b"not a checkpoint")
+    record = load_checkpoint(tmp_path / "r34.pth")
+    del record["attributes"]
+    atomic_save(record, tmp_path / "headless.pth")  # ours by its format, but no heads
     entries, notes = discover_pool(tmp_path, save_epoch=1)
     found = {e.name: (e.record["arch"], e.record["epoch"]) for e in entries}
     assert found == {"a/deep/r18": ("resnet18", 1), "r34": ("resnet34", 3), "r34.pth": ("resnet18", 1),
@@ -54,7 +57,23 @@ def test_pool_finds_source_nets_at_any_depth_and_passes_over_the_rest(tmp_path):
     assert any("broken: passed over, cannot load" in n for n in notes), notes
     assert any("c: passed over, a component net" in n for n in notes), notes
     assert any("foreign.pth: passed over" in n and "not a kamal_attr checkpoint" in n for n in notes)
+    assert any("headless.pth: passed over" in n and "its record lacks attributes" in n for n in notes)
     assert coverage(entries) == {"Bangs": 1, "Male": 3, "Smiling": 2}
+
+
+def test_a_run_from_the_pool_says_which_files_it_passed_over(tmp_path, caplog):
+    save_source(tmp_path / "good/epoch_001.pth", ["Male"])
+    whole = (tmp_path / "good/epoch_001.pth").read_bytes()
+    (tmp_path / "downloaded.pth").write_bytes(whole[:len(whole) // 2])  # a download cut short
+    with caplog.at_level("WARNING", logger="kamal_attr"):
+        task = pool_task("mine", ["Male"], tmp_path, save_epoch=1)
+    assert [t.name for t in task.teachers["Male"]] == ["good"]
+    assert "teacher pool: downloaded.pth: passed over, cannot load" in caplog.text
+
+
+def test_a_net_on_repeated_attributes_gets_each_head_once():
+    spec, = select_source_nets(None, None, False, None, ["Smiling", "Male", "Smiling"], None)
+    assert spec.attributes == ("Smiling", "Male")
 
 
 def test_a_teacher_serves_every_head_it_has_and_uncovered_attributes_stop(tmp_path):
@@ -248,3 +267,10 @@ def test_predict_writes_one_csv_row_per_image(custom, synthetic_root, tmp_path):
     with pytest.raises(KamalError, match="exists; it is never overwritten"):
         predict.main(predict.get_args_parser().parse_args(
             ["--checkpoint", str(target), str(images[0]), "--out", str(out)]))
+    one = tmp_path / "one.csv"  # eval mode: one image a batch is fine
+    predict.main(predict.get_args_parser().parse_args(
+        ["--checkpoint", str(target), str(images[0]), "--out", str(one), "--device", "cpu",
+         "--workers", "0", "--batch_size", "1"]))
+    assert [float(p) for p in list(csv.reader(one.open()))[1][1:]] == pytest.approx(
+        [float(p) for p in first], abs=2e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.csv", "p.csv"]  # no partial file

@@ -74,13 +74,32 @@ def test_markdown_and_figures_are_written(tmp_path):
     assert "## Where and why not" in text and "- hair Bangs, seed 3256: the target is -1.50" in text
 
 
+THREE = "python -m kamal_attr.report --demo --seeds 3"
+
+
 def test_a_folder_with_someone_elses_report_is_refused(tmp_path):
     (tmp_path / "report.md").write_text("my notes")
     (tmp_path / "cost.png").write_bytes(b"a picture")
     with pytest.raises(KamalError, match="holds report.md, cost.png, which this command did not write"):
-        check_out(tmp_path)
-    (tmp_path / "report.json").write_text(json.dumps({"seeds": [1]}))
-    check_out(tmp_path)
+        check_out(tmp_path, THREE, overwrite=True)
+    (tmp_path / "report.json").write_text(json.dumps({"seeds": [1], "command": THREE}))
+    check_out(tmp_path, THREE, overwrite=False)
+
+
+def test_a_report_of_other_settings_is_replaced_only_with_overwrite(tmp_path):
+    (tmp_path / "report.json").write_text(json.dumps({"seeds": [1, 2, 3], "command": THREE}))
+    one = THREE.replace("3", "1") + " --no_ablations"
+    with pytest.raises(KamalError, match=f"holds the report of `{THREE}`; this run .* pass another "
+                                         "--out, or --overwrite"):
+        check_out(tmp_path, one, overwrite=False)
+    check_out(tmp_path, one, overwrite=True)
+    check_out(tmp_path, None, overwrite=False)  # --replot redraws the report that is there
+
+
+def test_an_output_folder_that_cannot_be_written_stops_before_the_work(tmp_path):
+    (tmp_path / "notes").write_text("a file")
+    with pytest.raises(KamalError, match="notes is a file, not a folder; pass another --out"):
+        check_out(tmp_path / "notes" / "results", THREE, overwrite=False)
 
 
 def test_replot_redraws_from_the_json_alone(tmp_path):
@@ -92,3 +111,21 @@ def test_replot_redraws_from_the_json_alone(tmp_path):
     module.main(module.get_args_parser().parse_args(["--demo", "--replot", "--out", str(tmp_path)]))
     assert "in 0.1 min" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "accuracy.png").exists() and not (tmp_path / "ablations.png").exists()
+
+
+def test_figures_of_an_earlier_report_that_this_one_does_not_draw_are_removed(tmp_path):
+    from kamal_attr import report as module
+    data = {"seeds": [3256], "runs": {"hair": {"3256": evaluation(0.0)}}, "ablations": {},
+            "bridge_rms": {}, "command": THREE, "seconds": 6.0, "torch": "x"}
+    (tmp_path / "ablations.png").write_bytes(b"the last report's ablations")
+    (tmp_path / "mine.png").write_bytes(b"a picture of the user's")
+    module.write_report(data, tmp_path)
+    assert not (tmp_path / "ablations.png").exists() and (tmp_path / "mine.png").exists()
+    assert json.loads((tmp_path / "report.json").read_text()) == data
+
+
+def test_replot_of_an_incomplete_report_is_one_error(tmp_path):
+    from kamal_attr import report as module
+    (tmp_path / "report.json").write_text(json.dumps({"seeds": [3256]}))
+    with pytest.raises(KamalError, match="report.json lacks 'runs'; run the report again"):
+        module.main(module.get_args_parser().parse_args(["--demo", "--replot", "--out", str(tmp_path)]))

@@ -184,6 +184,11 @@ BAD = [
     (train, ["--attributes", "Black_Hair", "--target_attribute", "eye"],
      "--target_attribute eye and --attributes Black_Hair name two different tasks"),
     (evaluate, ["--target_attribute", "hair", "--attributes", "Male"], "name two different tasks"),
+    # flags that a mode would ignore
+    (evaluate, ["--checkpoint", "c.pth", "--attributes", "Male", "--selection", "random"],
+     "--checkpoint evaluates that one file, so --attributes, --selection would be ignored"),
+    (train_sourcenet, ["--list_pool", "--all"],
+     "--list_pool lists the pool and trains nothing, so --all would be ignored: drop it"),
 ]
 
 
@@ -219,6 +224,25 @@ def test_demo_stops_before_the_data_when_its_result_file_is_someone_elses(tmp_pa
     assert theirs.read_text() == "my notes" and not (tmp_path / "data").exists()
     assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == [
         "demo", "evaluate_hair_entropy.json", "run"]
+
+
+def test_an_output_path_that_cannot_be_written_is_one_line_before_the_work(tmp_path, capsys):
+    from kamal_attr import predict
+    notes = tmp_path / "notes"
+    notes.write_text("a file, where the command would need a folder")
+    out = ["--save_root", str(tmp_path / "out"), "--data_root", str(tmp_path / "data"), "--device", "cpu"]
+    code, err = call(evaluate, ["--target_attribute", "hair", "--json", str(notes / "r.json")] + out,
+                     capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--json {notes / 'r.json'} cannot be written: {notes} is a file, not a folder" in err
+    code, err = call(predict, ["--checkpoint", str(tmp_path / "none.pth"), str(tmp_path),
+                               "--out", str(notes / "p.csv")], capsys)
+    assert code == 2 and "is a file, not a folder; pass another --out" in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+    code, err = call(train_sourcenet, ["--demo", "--save_root", str(notes / "out")], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: {notes / 'out'}") and "Not a directory" in err
+    assert notes.read_text() == "a file, where the command would need a folder"
 
 
 def test_real_preset_without_imagenet_weights_is_an_error(tmp_path, capsys):
