@@ -172,13 +172,18 @@ def check_tap_sizes(student: AttributeResNet, student_size: int,
     the student's. ``teachers`` holds ``(name, net, its input size)``; raises naming the
     first teacher that differs."""
     want = [s[1:] for s in tap_shapes(student, student_size)]
+    sizes = sorted({size for _, _, size in teachers})
     for name, net, size in teachers:
         got = [s[1:] for s in tap_shapes(net, size)]
         if got != want:
             fmt = lambda sizes: ", ".join(f"{h}x{w}" for h, w in sizes)  # noqa: E731
+            # one input size for all teachers: the student can take it; several: no size fits
+            fix = (f"pass --image_size {size}" if len(sizes) == 1 else
+                   f"the teachers were trained at {', '.join(map(str, sizes))} px, so no one "
+                   "--image_size fits them all: use teachers of one size")
             raise KamalError(f"teacher {name} ({net.arch}, {size} px) has taps of {fmt(got)}, "
                              f"the student at {student_size} px has {fmt(want)}: the feature loss "
-                             f"needs equal sizes; pass --image_size {size}, or --no_feature_loss")
+                             f"needs equal sizes; {fix}, or pass --no_feature_loss")
 
 
 def net_cost(net: nn.Module, image_size: int) -> dict[str, float]:

@@ -140,8 +140,12 @@ def test_teachers_of_another_input_size_are_fed_their_own_and_taps_must_agree():
     student = AttributeResNet(["Bangs"], 4)
     check_tap_sizes(student, 64, [("same", AttributeResNet(["Bangs"], 8, "resnet50"), 64)])
     with pytest.raises(KamalError, match=r"teacher big \(resnet34, 128 px\) has taps of 64x64, .*"
-                       r"the student at 64 px has 32x32, .*pass --image_size 128, or --no_feature_loss"):
+                       r"the student at 64 px has 32x32, .*pass --image_size 128, or pass --no_feature_loss"):
         check_tap_sizes(student, 64, [("big", AttributeResNet(["Bangs"], 4, "resnet34"), 128)])
+    with pytest.raises(KamalError, match="trained at 64, 128 px, so no one --image_size fits them "
+                                         "all: use teachers of one size, or pass --no_feature_loss"):
+        check_tap_sizes(student, 64, [("same", AttributeResNet(["Bangs"], 4), 64),
+                                      ("big", AttributeResNet(["Bangs"], 4, "resnet34"), 128)])
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     adapter = InputAdapter(16, mean, std, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     pixels = torch.rand(1, 3, 8, 8)
