@@ -43,7 +43,11 @@ def main(args: argparse.Namespace) -> None:
             "--target_attribute": args.target_attribute, "--attributes": args.attributes,
             "--name": args.name, "--by_style": args.by_style,
             "--selection": None if args.selection == "entropy" else args.selection,
-            "--no_feature_loss": args.no_feature_loss, "--no_penalty": args.no_penalty})
+            "--no_feature_loss": args.no_feature_loss, "--no_penalty": args.no_penalty,
+            "--sorce_saveEpoch": args.source_save_epoch,
+            "--component_saveEpoch": args.component_save_epoch,
+            "--target_epoch": args.target_epoch, "--sourcedata_txtroot": args.sourcedata_txtroot,
+            "--componentnets_root": args.componentnets_root, "--target_root": args.target_root})
     demo_data_needed(cfg)
     if args.json:  # before any evaluation: a file that is not ours stops the run now
         check_result_path(args.json)

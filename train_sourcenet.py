@@ -73,7 +73,9 @@ def main(args: argparse.Namespace) -> None:
         refuse_ignored("--list_pool", "lists the pool and trains nothing", {
             "--all": args.all, "--group": args.group, "--target_attribute": args.target_attribute,
             "--source_id": args.source_id, "--attributes": args.attributes, "--name": args.name,
-            "--train_part": args.train_part})
+            "--train_part": args.train_part, "--overwrite": args.overwrite, "--epochs": args.epochs,
+            "--lr": args.lr, "--optimizer": args.optimizer, "--schedule": args.schedule,
+            "--arch": args.arch, "--width": args.width})
         print(format_pool(*discover_pool(cfg.sources_root, cfg.source_save_epoch), cfg.sources_root))
         return
     part = parse_part(args.train_part)

@@ -40,8 +40,8 @@ from .models import AttributeResNet
 
 FORMAT = "kamal_attr/1"
 KINDS = ("source", "component", "target")
-#: What every checkpoint's record says of its net (:func:`net_record`; "arch" came later),
-#: with the type it is read as.
+#: What every checkpoint's record says of its net (:func:`net_record`), with the type it is
+#: read as; ``arch`` is read with a default (``resnet18``).
 RECORD_TYPES = {"kind": str, "width": int, "attributes": list, "image_size": int,
                 "epoch": int, "model": dict}
 #: The end of :func:`atomic_save`'s temporary files, and the whole name of one left by a kill:
@@ -129,7 +129,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             os.remove(tmp)
 
 
-def check_writable(path: str | Path, flag: str | None = None) -> None:
+def check_output_path(path: str | Path, flag: str | None = None) -> None:
     """Stop before the work whose result goes to ``path`` if it could not be written there:
     the nearest existing folder above it is a file, read-only, or not ours to write.
     Nothing is created. ``flag``: the option that named ``path``, for the hint."""

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from typing import Any, Callable, Mapping, NoReturn
 
@@ -29,11 +31,18 @@ def resume_hint(overwrite: bool) -> str:
             "changed), or with --overwrite to start them over again")
 
 
+#: ``OSError``s that say a path cannot be written (a read-only or full disk, a file where a
+#: folder goes, no permission): the user's to fix, one line. Others are bugs: a traceback.
+WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
+
+
 def run(main: Callable[[], None], interrupted: str = "rerun the same command") -> None:
     """Call ``main``; a :class:`KamalError` (bad files or flags) exits 2 with ``error: ...``,
-    an ``OSError`` (a path that cannot be written) exits 1 with one such line, Ctrl-C exits
-    130 saying what ``interrupted`` left. After a run under torchrun, the process leaves
-    its group (NCCL warns at exit otherwise)."""
+    a path that cannot be written (:data:`WRITE_ERRORS`) exits 1 with one such line, Ctrl-C
+    exits 130 saying what ``interrupted`` left, and output piped into a command that stopped
+    reading (``| head``) ends quietly. After a run under torchrun, the process leaves its
+    group (NCCL warns at exit otherwise)."""
     try:
         main()
         leave_group()
@@ -43,10 +52,15 @@ def run(main: Callable[[], None], interrupted: str = "rerun the same command") -
     except KeyboardInterrupt:
         print(f"interrupted; {interrupted}", file=sys.stderr)
         sys.exit(130)
-    except OSError as e:  # a read-only or full disk, a file where a folder goes: not a bug
+    except BrokenPipeError:  # Python's advice: no more output, and no error at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e} (check that path, its permissions and free "
-              "space, or choose another --save_root/--out)", file=sys.stderr)
+        print(f"error: {where}{e.strerror} (check that path's permissions and free space, or "
+              "choose another --save_root/--out)", file=sys.stderr)
         sys.exit(1)
 
 

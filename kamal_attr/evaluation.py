@@ -15,8 +15,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from . import KamalError
 from .celeba import IMAGENET_MEAN, IMAGENET_STD
-from .checkpoint import (atomic_write_text, check_writable, component_dir, load_net, saved_epoch,
-                         target_dir)
+from .checkpoint import (atomic_write_text, check_output_path, component_dir, load_net,
+                         saved_epoch, target_dir)
 from .config import RunConfig
 from .engine import accuracy_per_head, predict, predict_many
 from .losses import entropy_impurity, route_by_entropy
@@ -370,8 +370,8 @@ def check_result_path(path: Path, flag: str | None = "--json") -> None:
     """Refuse to write a result over an existing file unless it is a result this project
     wrote (an earlier run's, which a rerun replaces): nothing else is ever overwritten.
     ``flag``: the option that named ``path``, for the hint (``None``: a path of our own).
-    Also stops if ``path`` could not be written (:func:`check_writable`)."""
-    check_writable(path, flag)
+    Also stops if ``path`` could not be written (:func:`check_output_path`)."""
+    check_output_path(path, flag)
     if not path.exists():
         return
     try:

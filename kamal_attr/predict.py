@@ -25,7 +25,7 @@ from torchvision import transforms
 
 from . import KamalError
 from .celeba import eval_geometry, load_image
-from .checkpoint import check_writable, load_net
+from .checkpoint import check_output_path, load_net
 from .cli import ArgumentParser, run
 from .config import WORKERS, bounded_int, check_device, default_device
 from .engine import predict
@@ -102,7 +102,7 @@ def main(args: argparse.Namespace) -> None:
     if args.out is not None and args.out.exists():
         raise KamalError(f"--out {args.out} exists; it is never overwritten: pass a new file")
     if args.out is not None:
-        check_writable(args.out, "--out")
+        check_output_path(args.out, "--out")
     device = check_device(args.device or default_device())
     images = find_images(args.inputs)
     attributes, probabilities = predict_images(args.checkpoint, images, device, args.batch_size,

@@ -17,14 +17,14 @@ import logging
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 
 from . import KamalError
 from .attributes import GROUPS
-from .checkpoint import atomic_write_text, check_writable, component_dir, load_checkpoint
-from .cli import ArgumentParser, run
+from .checkpoint import atomic_write_text, check_output_path, component_dir, load_checkpoint
+from .cli import ArgumentParser, refuse_ignored, run
 from .config import REPO_ROOT, amalgamation_parser, resolve_config
 from .distributed import rank_and_world
 from .evaluation import check_result_path, demo_result_path, evaluate_task, report_task
@@ -370,40 +370,51 @@ def report_command(args: argparse.Namespace) -> str:
 
 
 def read_report(path: Path) -> dict[str, Any] | None:
-    """An earlier report of this command (its ``report.json``), or None for anything else."""
+    """An earlier report of this command (its ``report.json``: seeds and runs), or None for
+    anything else."""
     try:
         report = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return report if isinstance(report, dict) and "seeds" in report else None
+    ours = (isinstance(report, dict) and isinstance(report.get("runs"), dict)
+            and isinstance(report.get("seeds"), list)
+            and all(isinstance(seed, int) for seed in report["seeds"]))
+    return report if ours else None
 
 
-def check_out(out: Path, command: str | None, overwrite: bool) -> None:
+def check_out(out: Path, command: str | None, overwrite: bool) -> list[str]:
     """Refuse a ``--out`` folder holding any file of the report's names that this command
     did not write (a ``report.json`` of ours proves the folder is ours), or, unless
     ``overwrite``, the report of another ``command`` (a 3-seed report took an hour and a
-    half: a quick one-seed run must not replace it unasked). ``command`` None: a redraw."""
-    check_writable(out / "report.json", "--out")
+    half: a quick one-seed run must not replace it unasked). ``command`` None: a redraw.
+    Returns the report's files already there, proven ours."""
+    check_output_path(out / "report.json", "--out")
     previous = read_report(out / "report.json")
     taken = [name for name in OUTPUTS if (out / name).exists()]
     if taken and previous is None:
         raise KamalError(f"{out} holds {', '.join(taken)}, which this command did not write; "
                          "pass another --out")
-    made_by = None if previous is None else previous.get("command", "an earlier version")
-    if made_by is not None and command is not None and made_by != command and not overwrite:
-        raise KamalError(f"{out} holds the report of `{made_by}`; this run "
-                         f"(`{command}`) would replace it: pass another --out, or --overwrite")
+    made_by = None if previous is None else previous.get("command")
+    if previous is not None and command is not None and made_by != command and not overwrite:
+        what = f"`{made_by}`" if made_by else "an earlier version of this command"
+        raise KamalError(f"{out} holds the report of {what}; this run (`{command}`) would "
+                         "replace it: pass another --out, or --overwrite")
+    return taken
 
 
-def write_report(report: dict[str, Any], out: Path) -> Path:
-    """``report.json`` (atomically: it is the record), the figures and ``report.md`` into ``out``.
-    Figures of an earlier report in ``out`` that this one does not draw (its ablations, when
-    run without) are removed: they would stand beside a report that does not show them."""
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1))
+def write_report(report: dict[str, Any], out: Path, ours: Collection[str],
+                 record: bool = True) -> Path:
+    """The figures and ``report.md`` into ``out``, after ``report.json`` when ``record``
+    (atomically: it is what the report was made from; a redraw leaves it as it is). Figures
+    in ``ours`` (an earlier report's, :func:`check_out`) that this one does not draw (its
+    ablations, when run without) are removed: they would stand beside a report that does not
+    show them."""
+    if record:
+        atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     pictures = figures(report, out)
-    for name in OUTPUTS:
-        if name.endswith(".png") and name not in pictures and (out / name).exists():
-            (out / name).unlink()
+    for name in ours:
+        if name.endswith(".png") and name not in pictures:
+            (out / name).unlink(missing_ok=True)
     return write_markdown(report, pictures, out)
 
 
@@ -414,14 +425,18 @@ def main(args: argparse.Namespace) -> None:
         raise KamalError(f"--seeds must be >= 1, got {args.seeds}")
     if rank_and_world()[1] > 1:
         raise KamalError("the report runs in one process: start it with python, not torchrun")
-    check_out(args.out, None if args.replot else report_command(args), args.overwrite)
+    if args.replot:
+        refuse_ignored("--replot", "redraws the report in --out", {
+            "--overwrite": args.overwrite, "--no_ablations": args.no_ablations,
+            "--device": args.device})
+    ours = check_out(args.out, None if args.replot else report_command(args), args.overwrite)
     if args.replot:
         report = read_report(args.out / "report.json")
         if report is None:
             raise KamalError(f"--replot: no report in {args.out / 'report.json'}; run the report "
                              "first")
         try:
-            print(f"report redrawn: {write_report(report, args.out)}")
+            print(f"report redrawn: {write_report(report, args.out, ours, record=False)}")
         except KeyError as e:
             raise KamalError(f"--replot: {args.out / 'report.json'} lacks {e}; run the report "
                              "again") from None
@@ -444,7 +459,7 @@ def main(args: argparse.Namespace) -> None:
                     if variant == "no penalty" and seed == seeds[0]:
                         report["bridge_rms"]["without penalty"] = bridge_curves(cfg, group)
     report["seconds"] = time.perf_counter() - began
-    path = write_report(report, args.out)
+    path = write_report(report, args.out, ours)
     print(f"report written to {path} ({report['seconds'] / 60:.1f} min)")
 
 

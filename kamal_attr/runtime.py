@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from torch.utils.tensorboard import SummaryWriter
 
 from . import KamalError
@@ -210,11 +211,16 @@ def eval_loader(cfg: RunConfig, data: CelebA) -> DeviceBatches:
 def open_writer(run_dir: Path, cfg: RunConfig, about: dict, start_epoch: int) -> SummaryWriter | None:
     """The TensorBoard run of one net (None outside the main process), appended to its
     folder: no event file is removed. The new file starts with TensorBoard's purge marker
-    (``purge_step``), so that TensorBoard hides the folder's older events from step 0 on for
-    a fresh start (an earlier run of the net) and from ``start_epoch`` on when resuming."""
+    (a ``SessionLog.START`` at ``purge_step``), so that TensorBoard hides the folder's older
+    events from step 0 on for a fresh start (an earlier run of the net) and from
+    ``start_epoch`` on when resuming. The marker is written twice: TensorBoard's Python
+    loader (``--load_fast=false``) takes the first of a run for its start and purges from
+    the second on, and a folder written by an earlier version holds none."""
     if not is_main_process():
         return None
-    writer = SummaryWriter(str(run_dir), purge_step=start_epoch if start_epoch > 1 else 0)
+    purge = start_epoch if start_epoch > 1 else 0
+    writer = SummaryWriter(str(run_dir), purge_step=purge)
+    writer.file_writer.add_event(Event(step=purge, session_log=SessionLog(status=SessionLog.START)))
     writer.add_text("args", "```\n" + json.dumps({**cfg.args, **about}, indent=1, default=str)
                     + "\n```", start_epoch)
     return writer

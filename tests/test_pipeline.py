@@ -227,7 +227,7 @@ def test_evaluate_any_checkpoint(trained, tmp_path, capsys):
     out = tmp_path / "one.json"
     path = root / "snapshot/sources/hair/source3_Blond_Hair/epoch_001.pth"
     evaluate.main(evaluate.get_args_parser().parse_args(
-        select[2:] + ["--checkpoint", str(path), "--json", str(out)]))  # no --target_attribute
+        select[8:] + ["--checkpoint", str(path), "--json", str(out)]))  # no task flags
     result = json.loads(out.read_text())["accuracy"]
     assert list(result) == ["Blond_Hair", "Pale_Skin", "Receding_Hairline"]
     assert all(0.5 <= r["majority"] <= 1 and 0 <= r["accuracy"] <= 1 for r in result.values())

@@ -2,6 +2,7 @@
 bridges between ResNet-18/34/50 taps, parameters and FLOPs, and predicting with a student."""
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -272,9 +273,12 @@ def test_predict_writes_one_csv_row_per_image(custom, synthetic_root, tmp_path):
         predict.main(predict.get_args_parser().parse_args(
             ["--checkpoint", str(target), str(images[0]), "--out", str(out)]))
     one = tmp_path / "one.csv"  # eval mode: one image a batch is fine
+    theirs = tmp_path / f"one.csv.partial-{os.getpid()}"  # how an earlier version named its
+    theirs.write_text("a file of the user's")  # temporary file: a name it could overwrite
     predict.main(predict.get_args_parser().parse_args(
         ["--checkpoint", str(target), str(images[0]), "--out", str(one), "--device", "cpu",
          "--workers", "0", "--batch_size", "1"]))
     assert [float(p) for p in list(csv.reader(one.open()))[1][1:]] == pytest.approx(
         [float(p) for p in first], abs=2e-4)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.csv", "p.csv"]  # no partial file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.csv", theirs.name, "p.csv"]
+    assert theirs.read_text() == "a file of the user's"

@@ -82,12 +82,16 @@ def test_a_folder_with_someone_elses_report_is_refused(tmp_path):
     (tmp_path / "cost.png").write_bytes(b"a picture")
     with pytest.raises(KamalError, match="holds report.md, cost.png, which this command did not write"):
         check_out(tmp_path, THREE, overwrite=True)
-    (tmp_path / "report.json").write_text(json.dumps({"seeds": [1], "command": THREE}))
-    check_out(tmp_path, THREE, overwrite=False)
+    (tmp_path / "report.json").write_text(json.dumps({"seeds": [1], "mine": "notes"}))
+    with pytest.raises(KamalError, match="holds report.md, report.json, cost.png, which this"):
+        check_out(tmp_path, THREE, overwrite=True)  # a "seeds" key alone proves nothing
+    (tmp_path / "report.json").write_text(json.dumps({"seeds": [1], "runs": {}, "command": THREE}))
+    assert check_out(tmp_path, THREE, overwrite=False) == ["report.md", "report.json", "cost.png"]
 
 
 def test_a_report_of_other_settings_is_replaced_only_with_overwrite(tmp_path):
-    (tmp_path / "report.json").write_text(json.dumps({"seeds": [1, 2, 3], "command": THREE}))
+    (tmp_path / "report.json").write_text(json.dumps({"seeds": [1, 2, 3], "runs": {},
+                                                      "command": THREE}))
     one = THREE.replace("3", "1") + " --no_ablations"
     with pytest.raises(KamalError, match=f"holds the report of `{THREE}`; this run .* pass another "
                                          "--out, or --overwrite"):
@@ -117,15 +121,24 @@ def test_figures_of_an_earlier_report_that_this_one_does_not_draw_are_removed(tm
     from kamal_attr import report as module
     data = {"seeds": [3256], "runs": {"hair": {"3256": evaluation(0.0)}}, "ablations": {},
             "bridge_rms": {}, "command": THREE, "seconds": 6.0, "torch": "x"}
+    (tmp_path / "report.json").write_text(json.dumps({**data, "ablations": {"x": {}}}))
     (tmp_path / "ablations.png").write_bytes(b"the last report's ablations")
     (tmp_path / "mine.png").write_bytes(b"a picture of the user's")
-    module.write_report(data, tmp_path)
+    ours = check_out(tmp_path, THREE, overwrite=False)
+    (tmp_path / "bridge_norms.png").write_bytes(b"put there after the check: not proven ours")
+    module.write_report(data, tmp_path, ours)
     assert not (tmp_path / "ablations.png").exists() and (tmp_path / "mine.png").exists()
+    assert (tmp_path / "bridge_norms.png").exists()
     assert json.loads((tmp_path / "report.json").read_text()) == data
 
 
-def test_replot_of_an_incomplete_report_is_one_error(tmp_path):
+def test_replot_draws_without_rewriting_the_record_and_an_incomplete_one_is_one_error(tmp_path):
     from kamal_attr import report as module
-    (tmp_path / "report.json").write_text(json.dumps({"seeds": [3256]}))
-    with pytest.raises(KamalError, match="report.json lacks 'runs'; run the report again"):
+    record = json.dumps({"seeds": [3256], "runs": {"hair": {"3256": evaluation(0.0)}}}, indent=3)
+    (tmp_path / "report.json").write_text(record)
+    with pytest.raises(KamalError, match="report.json lacks 'ablations'; run the report again"):
         module.main(module.get_args_parser().parse_args(["--demo", "--replot", "--out", str(tmp_path)]))
+    assert (tmp_path / "report.json").read_text() == record
+    with pytest.raises(KamalError, match="--replot redraws the report in --out, so --overwrite"):
+        module.main(module.get_args_parser().parse_args(["--demo", "--replot", "--overwrite",
+                                                         "--out", str(tmp_path)]))

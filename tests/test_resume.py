@@ -158,7 +158,6 @@ def test_a_net_trained_again_hides_its_old_tensorboard_events_without_removing_t
     """Event files are never removed (they may be the only record of a run); the new run's
     purge marker makes TensorBoard show only its own points."""
     import shutil
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     root = tmp_path / "copy"
     for folder in ("snapshot", "run"):
         shutil.copytree(uninterrupted / folder, root / folder)
@@ -168,6 +167,29 @@ def test_a_net_trained_again_hides_its_old_tensorboard_events_without_removing_t
                "4", "--pretrained", "none", "--overwrite"] + common(root, synthetic_root)
     train_sourcenet.main(train_sourcenet.get_args_parser().parse_args(retrain))
     assert old and old < set(logs.glob("events.out.tfevents.*"))
-    shown = EventAccumulator(str(logs))
+    assert shown_steps(logs, "lr") == [1]
+
+
+def shown_steps(folder: Path, tag: str) -> list[int]:
+    """The steps of ``tag`` that TensorBoard's Python loader (``--load_fast=false``) shows."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    shown = EventAccumulator(str(folder))
     shown.Reload()
-    assert [s.step for s in shown.Scalars("lr")] == [1]
+    return [event.step for event in shown.Tensors(tag)]
+
+
+@pytest.mark.parametrize("start_epoch, steps", [(1, [1]), (3, [1, 2, 3])])
+def test_tensorboard_hides_the_old_events_of_a_folder_an_earlier_version_wrote(
+        tmp_path, start_epoch, steps):
+    from types import SimpleNamespace
+    from torch.utils.tensorboard import SummaryWriter
+    from kamal_attr.runtime import open_writer
+    with SummaryWriter(str(tmp_path)) as old:  # a fresh start of an earlier version: no marker
+        for epoch in (1, 2, 3, 4):
+            old.add_scalar("lr", 0.5, epoch)
+    old_file, = tmp_path.iterdir()
+    old_file.rename(tmp_path / "events.out.tfevents.1000000000.earlier.1.0")  # written before
+    writer = open_writer(tmp_path, SimpleNamespace(args={}), {}, start_epoch)
+    writer.add_scalar("lr", 0.1, start_epoch)
+    writer.close()
+    assert shown_steps(tmp_path, "lr") == steps  # the old epochs from start_epoch on hidden

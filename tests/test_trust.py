@@ -245,6 +245,31 @@ def test_an_output_path_that_cannot_be_written_is_one_line_before_the_work(tmp_p
     assert notes.read_text() == "a file, where the command would need a folder"
 
 
+def test_only_errors_of_writing_are_one_line_and_a_closed_pipe_ends_quietly(tmp_path, capsys):
+    def fail(error):
+        raise error
+    with pytest.raises(SystemExit) as exit_info:
+        run(lambda: fail(OSError(28, "No space left on device", str(tmp_path / "x.pth"))))
+    code, err = exit_info.value.code, capsys.readouterr().err
+    assert code == 1 and err == (f"error: {tmp_path / 'x.pth'}: No space left on device (check "
+                                 "that path's permissions and free space, or choose another "
+                                 "--save_root/--out)\n")
+    with pytest.raises(FileNotFoundError):  # not the user's to fix: a bug, with its traceback
+        run(lambda: fail(FileNotFoundError(2, "No such file or directory", "ours.tmp")))
+    closed = subprocess.run(
+        [sys.executable, "-c", "from kamal_attr.cli import run\n"
+         "def main():\n    raise BrokenPipeError(32, 'Broken pipe')\nrun(main)"],
+        cwd=REPO, capture_output=True, text=True)
+    assert closed.returncode == 1 and closed.stderr == ""
+
+
+def test_a_module_of_the_package_is_named_as_it_is_run(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "kamal_attr.predict", "--batch_size", "0", "x"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.endswith("(see python -m kamal_attr.predict --help)\n"), done.stderr
+
+
 def test_real_preset_without_imagenet_weights_is_an_error(tmp_path, capsys):
     weights = tmp_path / "weights"
     weights.mkdir()
