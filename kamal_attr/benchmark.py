@@ -40,7 +40,9 @@ from typing import Callable
 import torch
 import torchvision
 
+from . import KamalError
 from .attributes import GROUPS, source_nets_of
+from .cli import ArgumentParser, run
 from .config import (DEMO, REAL, RunConfig, add_common_args, bounded_int, check_device,
                      default_device, default_workers, resolve_config)
 from .engine import OptimConfig, autocast, build_optimizer, place
@@ -48,7 +50,7 @@ from .imagecache import build_cache
 from .methods import Method, SelectiveAmalgamation, SourceTraining, TargetAmalgamation
 from .models import AttributeResNet
 from .runtime import configure_device, dataset, train_loader
-from .synthetic import generate
+from .synthetic import generate, split_sizes
 
 #: The paper's protocol (METHOD.md): nets per stage, epochs, CelebA's train and val sizes.
 PROTOCOL = {"source nets": 22, "component nets": 10, "target nets": 3}
@@ -206,6 +208,9 @@ def loader_rate(cfg: RunConfig, use_cache: bool, batches: int) -> float:
         seen += images.shape[0]
         if i == batches:
             break
+    if start is None:
+        raise KamalError(f"the loader gave fewer than 2 batches of {cfg.batch_size} images: "
+                         "pass a larger --images or a smaller --batch_size")
     if cfg.device.startswith("cuda"):
         torch.cuda.synchronize()
     return seen / (time.perf_counter() - start)
@@ -225,7 +230,7 @@ def protocol_hours(rates: dict[str, float], loader: float) -> tuple[float, dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=default_device())
     p.add_argument("--real_sizes", action="store_true",
                    help="224 px, widths 64/90 for the ratios too (default on CUDA)")
@@ -237,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="also time each stage's step under torch.compile (target 3)")
     args = p.parse_args(argv)
+    train_images = split_sizes(args.images)[0]
+    if train_images < 3 * args.batch_size:  # the loader is timed from its second batch on
+        raise KamalError(f"--images {args.images} makes {train_images} training images, fewer "
+                         f"than 3 batches of --batch_size {args.batch_size}: pass --images "
+                         f"{-(-3 * args.batch_size * args.images // train_images)} or more")
     device = torch.device(check_device(args.device))
     cuda = device.type == "cuda"
     bf16 = cuda and not args.fp32
@@ -308,4 +318,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(lambda: sys.exit(main()))

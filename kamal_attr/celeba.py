@@ -253,7 +253,7 @@ def cache_path(layout: CelebALayout, first_name: str, image_size: int,
     """Where the decoded-image cache (:mod:`kamal_attr.imagecache`) of this dataset at input
     size ``image_size`` lives, present or not, and the ``(H, W)`` it stores images at
     (from the size of the list's first image, ``first_name``): named by the lists' hash,
-    so it is never used for other data."""
+    so it is never used for data of other lists."""
     with Image.open(layout.image_dir / first_name) as im:
         shape = stored_size(*im.size, image_size)
     return Path(cache_dir) / f"{list_digest(layout)}-{shape[0]}x{shape[1]}.npy", shape

@@ -109,6 +109,15 @@ def target_dir(root: str | Path, group: str, variant: str) -> Path:
     return Path(root) / group / variant
 
 
+def as_open_makes(fd: int) -> None:
+    """Give a file that ``tempfile.mkstemp`` made (mode 0600) the mode ``open`` gives a new
+    file, 0666 less the umask: a cache or net written for a team's shared disk must be
+    readable by the others' jobs, as the TensorBoard files and logs beside it are."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     """``write`` the file into a temporary file in the same folder
     (``<name>.<random>.kamal_attr.tmp``), flushed to disk, then renamed over ``path``: a
@@ -118,6 +127,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=TMP_SUFFIX)
     try:
+        as_open_makes(fd)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -8,7 +8,7 @@ import sys
 from typing import Any, Callable, Mapping, NoReturn
 
 from . import KamalError
-from .distributed import leave_group
+from .distributed import RaisedByMainProcess, leave_group
 
 
 def one_line(error: BaseException) -> str:
@@ -46,6 +46,8 @@ def run(main: Callable[[], None], interrupted: str = "rerun the same command") -
     try:
         main()
         leave_group()
+    except RaisedByMainProcess:  # the main process prints it
+        sys.exit(2)
     except KamalError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)

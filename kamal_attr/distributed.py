@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,32 @@ def barrier() -> None:
     """Wait for every process of the group (no-op for one process)."""
     if rank_and_world()[1] > 1:
         dist.barrier()
+
+
+class RaisedByMainProcess(KamalError):
+    """In the other processes: the main process stopped at an error, which it reports."""
+
+
+def main_process_first(step: Callable[[], T]) -> T | None:
+    """``step()`` in the main process while the others wait; its result there, None in the
+    others. An error it raises reaches every process (the others raise
+    :class:`RaisedByMainProcess`, which the scripts do not print again) instead of leaving
+    them waiting at the next barrier until the connection drops, with a traceback each."""
+    error: Exception | None = None
+    result = None
+    if is_main_process():
+        try:
+            result = step()
+        except Exception as e:  # re-raised below, once the others know
+            error = e
+    if rank_and_world()[1] > 1:
+        message = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(message, src=0)
+        if error is None and message[0] is not None:
+            raise RaisedByMainProcess(message[0])
+    if error is not None:
+        raise error
+    return result
 
 
 def torchrun_rank_and_world() -> tuple[int, int]:

@@ -12,7 +12,8 @@ shorter side ``min(original, round(S * 256 / 224))`` for input size S, i.e. Cele
 
 The file is named by a hash of the dataset's lists and the stored size
 (``<digest>-<H>x<W>.npy`` under ``--cache_dir``, default ``data/cache/``), so a cache
-is found again for the same data and never used for other data; it is written to a
+is found again for the same data and never used for data of other lists (images replaced
+in place under the same lists are not noticed: remove the cache then); it is written to a
 temporary name and renamed when complete. Nothing is written into the data folder.
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -37,6 +40,7 @@ from tqdm import tqdm
 
 from .celeba import (CelebAError, cache_path, find_celeba, load_image, open_cache,
                      read_attribute_list)
+from .checkpoint import as_open_makes
 
 log = logging.getLogger("kamal_attr")
 #: Images a decoding worker writes per job (the progress bar's step).
@@ -73,6 +77,17 @@ def _decode_rows(tmp: Path, first: Path, size: tuple[int, int],
     for i, path in enumerate(paths):
         out[start + i] = _decode(path, first, size, *out.shape[1:3])
     return len(paths)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A decoding process's initializer: it ends once the build's process is gone. A build
+    killed outright (no ``finally`` runs) would otherwise leave its workers waiting for jobs
+    forever, holding the unfinished file open (its space is not freed when it is removed)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _gigabytes(size: int) -> str:
@@ -135,6 +150,7 @@ def build_cache(data_root: str | Path, image_size: int, cache_dir: str | Path,
     log.info("caching %d images of %s at %dx%d in %s (%s, %d workers)", len(names), data_root,
              height, width, path, _gigabytes(size), workers)
     try:
+        as_open_makes(fd)
         np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                   shape=(len(names), height, width, 3)).flush()
         try:  # the blocks now, so that a full disk is this error, not a worker's SIGBUS
@@ -151,7 +167,8 @@ def build_cache(data_root: str | Path, image_size: int, cache_dir: str | Path,
                 for rows in map(decode, jobs):
                     bar.update(rows)
             else:
-                pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+                pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                           initializer=_die_with_parent, initargs=(os.getpid(),))
                 try:
                     for rows in pool.map(decode, jobs):
                         bar.update(rows)

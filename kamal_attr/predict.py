@@ -25,7 +25,7 @@ from torchvision import transforms
 
 from . import KamalError
 from .celeba import eval_geometry, load_image
-from .checkpoint import check_output_path, load_net
+from .checkpoint import as_open_makes, check_output_path, load_net
 from .cli import ArgumentParser, run
 from .config import WORKERS, bounded_int, check_device, default_device
 from .engine import predict
@@ -115,6 +115,7 @@ def main(args: argparse.Namespace) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=f"{args.out.name}.", suffix=".partial")
     try:
+        as_open_makes(fd)
         with os.fdopen(fd, "w") as f:
             f.write(text.getvalue())
         os.link(tmp, args.out)  # fails, instead of replacing, if --out appeared meanwhile

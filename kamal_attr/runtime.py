@@ -25,7 +25,7 @@ from . import KamalError
 from .celeba import (CelebA, CelebAError, device_views, drawing_version, find_celeba,
                      list_digest, pixel_statistics)
 from .config import RunConfig
-from .distributed import barrier, init_distributed, is_main_process, rank_and_world
+from .distributed import init_distributed, is_main_process, main_process_first, rank_and_world
 from .imagecache import build_cache, cache_file
 from .synthetic import DRAWING, check_writable, generate
 
@@ -112,19 +112,20 @@ def ensure_data(cfg: RunConfig) -> None:
     """In the demo, write the synthetic dataset on first use (see :func:`demo_data_needed`)
     and its decoded-image cache (into ``cfg.cache_dir``, never into the data folder).
     Without a cache, say once how to make one."""
-    if demo_data_needed(cfg) and is_main_process():
-        old = drawing_version(Path(cfg.data_root))
-        log.info("demo: generating the synthetic dataset in %s (%s)", cfg.data_root,
-                 "once" if old is None else f"again: it was drawn by version {old} of the "
-                 f"generator, this is version {DRAWING}")
-        generate(cfg.data_root)
-    barrier()  # the other processes read it only once it is there
+    def draw() -> None:
+        if demo_data_needed(cfg):
+            old = drawing_version(Path(cfg.data_root))
+            log.info("demo: generating the synthetic dataset in %s (%s)", cfg.data_root,
+                     "once" if old is None else f"again: it was drawn by version {old} of "
+                     f"the generator, this is version {DRAWING}")
+            generate(cfg.data_root)
+
+    main_process_first(draw)  # the other processes read it only once it is there
     if not cfg.use_cache:
         return
     path = cache_file(cfg.data_root, cfg.image_size, cfg.cache_dir)
-    if cfg.demo and not path.exists() and is_main_process():
-        build_cache(cfg.data_root, cfg.image_size, cfg.cache_dir)
-    barrier()
+    main_process_first(lambda: build_cache(cfg.data_root, cfg.image_size, cfg.cache_dir)
+                       if cfg.demo and not path.exists() else None)
     if not path.exists():
         log.info("reading JPEGs with %d loader workers; to read no JPEG per epoch, decode them "
                  "once: python -m kamal_attr.imagecache --data_root %s --image_size %d "

@@ -27,7 +27,7 @@ from .checkpoint import (TrainingPlan, atomic_save, component_dir, epoch_file, f
                          load_net, net_record, other_epochs, plan_training, saved_epoch,
                          source_dir, target_dir, weights_digest)
 from .config import DEMO, RunConfig
-from .distributed import barrier, is_main_process, rank_and_world
+from .distributed import barrier, is_main_process, main_process_first, rank_and_world
 from .engine import OptimConfig, build_optimizer, build_scheduler, fit, place
 from .methods import Method, SelectiveAmalgamation, SourceTraining, TargetAmalgamation
 from .models import AttributeResNet, build_model, check_tap_sizes, describe_init, input_adapter
@@ -72,10 +72,10 @@ def make_recipe(cfg: RunConfig, stage: str, optim: OptimConfig, epochs: int, see
 def plan_net(out_dir: Path, epochs: int, recipe: dict[str, Any], cfg: RunConfig, name: str,
              retrain: str) -> TrainingPlan:
     """:func:`~kamal_attr.checkpoint.plan_training`, made by the main process first (which
-    alone may remove files, for ``--overwrite``); the others then read the same folder."""
-    main = is_main_process()
-    decided = plan_training(out_dir, epochs, recipe, cfg.overwrite, name, retrain) if main else None
-    barrier()
+    alone may remove files, for ``--overwrite``, and reports a stale net); the others then
+    read the same folder."""
+    decided = main_process_first(
+        lambda: plan_training(out_dir, epochs, recipe, cfg.overwrite, name, retrain))
     return decided or plan_training(out_dir, epochs, recipe, False, name, retrain)
 
 

@@ -58,3 +58,11 @@ def test_a_compiled_step_trains_the_method_as_the_eager_step_does():
     for a, b, before in zip(eager.parameters(), compiled.parameters(), start):
         assert (b.grad - a.grad).norm() <= 1e-3 * a.grad.norm()
         assert not torch.equal(b, before)
+
+
+def test_too_few_images_for_the_batch_size_is_refused_before_any_timing():
+    from kamal_attr import KamalError
+    from kamal_attr.benchmark import main
+    with pytest.raises(KamalError, match="--images 600 makes 360 training images, fewer than 3 "
+                                         "batches of --batch_size 400: pass --images 2000 or more"):
+        main(["--batch_size", "400", "--images", "600"])

@@ -1,6 +1,7 @@
 """Checkpoint files: written atomically, read with one clear error when damaged, removed by
 ``--overwrite`` only when proven ours, and fingerprinted by what decides a net's weights."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -167,3 +168,14 @@ def test_the_recipe_changes_with_what_decides_the_weights_and_not_with_where_thi
                   ["--workers", "1"]):
         assert source_recipe(flags, tmp_path, synthetic_root, monkeypatch) == base, flags
     assert json.loads(json.dumps(base)) == base  # plain JSON values, as the checkpoints store it
+
+
+def test_files_are_written_with_the_mode_open_gives_not_mkstemps(tmp_path):
+    """Nets and caches on a shared disk must be readable by other users' jobs: 0666 less
+    the umask, as every other file the scripts write (mkstemp's 0600 would hide them)."""
+    old = os.umask(0o022)
+    try:
+        atomic_save({"x": 1}, tmp_path / "net.pth")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "net.pth").stat().st_mode & 0o777 == 0o644

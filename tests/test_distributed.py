@@ -24,14 +24,15 @@ REPO = Path(__file__).resolve().parent.parent
 SMALL = ["--image_size", "32", "--batch_size", "8", "--workers", "0", "--device", "cpu"]
 
 
-def launch(script: str, args: list[str], processes: int) -> subprocess.CompletedProcess:
-    """``script`` under torchrun with ``processes`` CPU processes."""
+def launch(script: str, args: list[str], processes: int, fails: bool = False) -> subprocess.CompletedProcess:
+    """``script`` under torchrun with ``processes`` CPU processes (which must succeed,
+    unless ``fails``)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={processes}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(torchrun + [str(REPO / script)] + args, cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"{script} with {processes} processes failed:\n{done.stderr[-3000:]}"
+    assert (done.returncode != 0) == fails, f"{script} with {processes} processes:\n{done.stderr[-3000:]}"
     return done
 
 
@@ -167,6 +168,20 @@ def test_one_net_on_two_processes_is_written_once(tmp_path, synthetic_root):
     log = (tmp_path / "run" / "log.txt").read_text()
     assert log.count("epoch 2/2") == 1, "the log has one line per epoch (rank 0 only)"
     assert len(list((tmp_path / "run" / "sources").rglob("events.out.tfevents.*"))) == 1
+
+
+def test_a_stale_net_under_torchrun_is_one_error_line_and_no_traceback(tmp_path, synthetic_root):
+    """The main process finds the stale net; the other one, which waited for its verdict,
+    ends quietly instead of with a traceback when the connection drops."""
+    args = ["--target_attribute", "Black_Hair", "--source_id", "1", "--data_root",
+            str(synthetic_root), "--epochs", "1", "--pretrained", "none", "--save_root",
+            str(tmp_path)] + SMALL
+    launch("train_sourcenet.py", args + ["--width", "8"], 1)
+    done = launch("train_sourcenet.py", args + ["--width", "12"], 2, fails=True)
+    ours = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(ours) == 1 and "was made by another recipe" in ours[0] and "width: 8 -> 12" in ours[0]
+    ours_part = done.stderr.split("torch/distributed/elastic")[0]  # before torchrun's own report
+    assert "Traceback" not in ours_part and "[rank1]" not in done.stderr, done.stderr[-3000:]
 
 
 def test_all_source_nets_spread_over_processes_then_amalgamated_together(tmp_path, synthetic_root):

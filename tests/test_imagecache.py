@@ -228,3 +228,41 @@ def test_a_worker_reopens_the_cache_instead_of_copying_it(cached, synthetic_root
     assert len(blob) < 100_000, f"the pickled dataset carries the images ({len(blob)} bytes)"
     copy = pickle.loads(blob)
     assert isinstance(copy.stored, np.memmap) and torch.equal(copy[3][0], data[3][0])
+
+
+def test_the_decoding_processes_of_a_killed_build_end_with_it(synthetic_root, tmp_path):
+    """Killed outright (no ``finally`` runs), the build leaves no worker waiting forever with
+    the unfinished file open."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    slow = ("import sys, time\n"
+            "import kamal_attr.imagecache as ic\n"
+            "ic.ROWS_PER_JOB = 4  # jobs for both workers\n"
+            "decode = ic._decode\n"
+            "ic._decode = lambda *a: (time.sleep(0.2), decode(*a))[1]\n"
+            "ic.build_cache(sys.argv[1], 32, sys.argv[2], workers=2)\n")
+    build = subprocess.Popen([sys.executable, "-c", slow, str(synthetic_root), str(tmp_path)],
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    workers: list[int] = []
+    for _ in range(300):  # up to 30 s for the two workers to start
+        children = f"/proc/{build.pid}/task/{build.pid}/children"
+        workers = [int(p) for p in open(children).read().split()] if os.path.exists(children) else []
+        if len(workers) == 2 and list(tmp_path.glob("*.partial-*")):
+            break
+        time.sleep(0.1)
+    assert len(workers) == 2, "the build never started its workers"
+    build.send_signal(signal.SIGKILL)
+    build.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/status") as status:
+                return "\nState:\tZ" not in status.read()  # a zombie has ended
+        except FileNotFoundError:
+            return False
+    deadline = time.time() + 10
+    while any(alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers), "a worker outlived the killed build"
