@@ -112,10 +112,18 @@ def target_dir(root: str | Path, group: str, variant: str) -> Path:
 def as_open_makes(fd: int) -> None:
     """Give a file that ``tempfile.mkstemp`` made (mode 0600) the mode ``open`` gives a new
     file, 0666 less the umask: a cache or net written for a team's shared disk must be
-    readable by the others' jobs, as the TensorBoard files and logs beside it are."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+    readable by the others' jobs, as the TensorBoard files and logs beside it are. Best
+    effort: a file system without modes (vfat, some FUSE mounts) keeps its own."""
+    try:  # Linux says the umask without changing it; elsewhere it is set and set back
+        status = Path("/proc/self/status").read_text()
+        umask = int(status.split("Umask:", 1)[1].split()[0], 8)
+    except (OSError, IndexError, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)
+    except OSError:
+        pass
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:

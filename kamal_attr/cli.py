@@ -8,7 +8,7 @@ import sys
 from typing import Any, Callable, Mapping, NoReturn
 
 from . import KamalError
-from .distributed import RaisedByMainProcess, leave_group
+from .distributed import RaisedByMainProcess, barrier, leave_group
 
 
 def one_line(error: BaseException) -> str:
@@ -46,10 +46,16 @@ def run(main: Callable[[], None], interrupted: str = "rerun the same command") -
     try:
         main()
         leave_group()
-    except RaisedByMainProcess:  # the main process prints it
+    except RaisedByMainProcess as e:  # the main process prints it; we wait until it has
+        if e.reported:
+            barrier()
+        leave_group()
         sys.exit(2)
     except KamalError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
+        if getattr(e, "shared", False):  # the others wait for this line (main_process_first)
+            barrier()
+        leave_group()
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"interrupted; {interrupted}", file=sys.stderr)
@@ -63,6 +69,7 @@ def run(main: Callable[[], None], interrupted: str = "rerun the same command") -
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror} (check that path's permissions and free space, or "
               "choose another --save_root/--out)", file=sys.stderr)
+        leave_group()
         sys.exit(1)
 
 

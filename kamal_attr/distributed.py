@@ -44,14 +44,23 @@ def barrier() -> None:
 
 
 class RaisedByMainProcess(KamalError):
-    """In the other processes: the main process stopped at an error, which it reports."""
+    """In the other processes: the main process stopped at an error, which it reports.
+    ``reported``: it prints one line, then waits for them at a barrier (a
+    :class:`KamalError`; for any other error its traceback is all there is)."""
+
+    def __init__(self, message: str, reported: bool) -> None:
+        super().__init__(message)
+        self.reported = reported
 
 
 def main_process_first(step: Callable[[], T]) -> T | None:
     """``step()`` in the main process while the others wait; its result there, None in the
     others. An error it raises reaches every process (the others raise
     :class:`RaisedByMainProcess`, which the scripts do not print again) instead of leaving
-    them waiting at the next barrier until the connection drops, with a traceback each."""
+    them waiting at the next barrier until the connection drops, with a traceback each. A
+    :class:`KamalError` raised in the main process is marked ``shared``: after printing it,
+    the main process meets the others at a barrier, so that none ends before it has said
+    why (:func:`kamal_attr.cli.run`)."""
     error: Exception | None = None
     result = None
     if is_main_process():
@@ -60,10 +69,13 @@ def main_process_first(step: Callable[[], T]) -> T | None:
         except Exception as e:  # re-raised below, once the others know
             error = e
     if rank_and_world()[1] > 1:
-        message = [None if error is None else f"{type(error).__name__}: {error}"]
-        dist.broadcast_object_list(message, src=0)
-        if error is None and message[0] is not None:
-            raise RaisedByMainProcess(message[0])
+        outcome = [None if error is None else
+                   (f"{type(error).__name__}: {error}", isinstance(error, KamalError))]
+        dist.broadcast_object_list(outcome, src=0)
+        if error is None and outcome[0] is not None:
+            raise RaisedByMainProcess(*outcome[0])
+        if isinstance(error, KamalError):
+            error.shared = True
     if error is not None:
         raise error
     return result

@@ -182,6 +182,8 @@ def test_a_stale_net_under_torchrun_is_one_error_line_and_no_traceback(tmp_path,
     assert len(ours) == 1 and "was made by another recipe" in ours[0] and "width: 8 -> 12" in ours[0]
     ours_part = done.stderr.split("torch/distributed/elastic")[0]  # before torchrun's own report
     assert "Traceback" not in ours_part and "[rank1]" not in done.stderr, done.stderr[-3000:]
+    assert "terminate called" not in done.stderr and "SIGABRT" not in done.stderr, done.stderr[-3000:]
+    assert "exitcode: 2" in done.stderr and "exitcode: -" not in done.stderr, done.stderr[-3000:]
 
 
 def test_all_source_nets_spread_over_processes_then_amalgamated_together(tmp_path, synthetic_root):
