@@ -67,6 +67,23 @@ def locate_nets(task: Task, cfg: RunConfig) -> dict[str, Any]:
                               cfg.target_epochs, "--target_epoch")}
 
 
+def teachers_that_taught(attribute: str, record: dict[str, Any],
+                         teachers: list[tuple[Teacher, Path | None]]) -> list[tuple[Teacher, Path | None]]:
+    """Of the ``teachers`` the task names for ``attribute`` now, those its component
+    (``record``) learnt from, as its recipe names them: a pool that grew since would add
+    teachers that never taught it to the table, its best teacher, the claims and the cost.
+    Any difference is said; with no teacher in common (or no names recorded), all of them."""
+    learnt = record.get("recipe", {}).get("teachers", {})
+    taught = [(t, p) for t, p in teachers if t.name in learnt]
+    new = [t.name for t, _ in teachers if t.name not in learnt]
+    gone = [name for name in learnt if name not in {t.name for t, _ in teachers}]
+    if learnt and (new or gone):
+        log.warning("component %s learnt from %s%s%s", attribute, ", ".join(learnt),
+                    f"; not counted, as they did not teach it: {', '.join(new)}" if taught and new
+                    else "", f"; no longer in the pool: {', '.join(gone)}" if gone else "")
+    return taught if learnt and taught else teachers
+
+
 #: Bins of the entropy histograms of correct and wrong teacher predictions (the paper's
 #: supplementary figure), over [0, ln 2].
 ENTROPY_BINS = 20
@@ -119,23 +136,19 @@ def evaluate_task(task: Task, cfg: RunConfig, split: str = "test",
     else:
         log.warning("no target net in %s", target_dir(cfg.target_root, task.name, cfg.variant))
     for attribute in attributes:
-        for teacher, path in nets["sources"][attribute]:
-            if path is None:
-                log.warning("no source net in %s", teacher.path.parent)
-            elif ("source", teacher.name) not in models:
-                add(("source", teacher.name), path, "source", attribute)
         path = nets["components"][attribute]
         if path is None:
             log.warning("no component net in %s",
                         component_dir(cfg.components_root, task.name, cfg.variant, attribute))
         else:
             record = add(("component", attribute), path, "component", attribute)
-            learnt = set(record.get("sources", []))
-            now = {str(p) for _, p in nets["sources"][attribute] if p is not None}
-            if learnt and learnt != now:
-                log.warning("component %s learnt from %s; the teachers now are %s (the pool "
-                            "changed since it was trained)", attribute, ", ".join(sorted(learnt)),
-                            ", ".join(sorted(now)))
+            nets["sources"][attribute] = teachers_that_taught(attribute, record,
+                                                              nets["sources"][attribute])
+        for teacher, path in nets["sources"][attribute]:
+            if path is None:
+                log.warning("no source net in %s", teacher.path.parent)
+            elif ("source", teacher.name) not in models:
+                add(("source", teacher.name), path, "source", attribute)
     outputs, _ = predict_many(list(models.values()), eval_loader(cfg, test_data), device,
                               desc=f"evaluating {len(models)} nets")  # float32: the reported figures
     logits_of = dict(zip(models, outputs))

@@ -237,6 +237,25 @@ def test_evaluate_reads_the_targets_heads_by_name_in_any_order_or_subset(custom,
         evaluate.main(evaluate.get_args_parser().parse_args(named))
 
 
+def test_evaluate_counts_only_the_teachers_that_taught_a_component(custom, tmp_path, caplog):
+    """A teacher added to the pool after training is not one of the component's teachers:
+    not in its row, its best teacher or the cost (it is said)."""
+    root, select = custom
+    late = root / "snapshot/sources/zz_late/epoch_001.pth"
+    save_source(late, ["Bangs"])
+    try:
+        with caplog.at_level("WARNING", logger="kamal_attr"):
+            evaluate.main(evaluate.get_args_parser().parse_args(
+                select + ["--json", str(tmp_path / "e.json")]))
+    finally:
+        late.unlink()
+        late.parent.rmdir()
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert list(result["attributes"]["Bangs"]["sources"]) == ["1", "2"]
+    assert result["cost"]["num_teachers"] == 2
+    assert "not counted, as they did not teach it: zz_late" in caplog.text
+
+
 def test_list_pool_and_the_uncovered_attribute_error(custom, tmp_path):
     root, select = custom
     listing = subprocess.run([sys.executable, "train_sourcenet.py", "--list_pool", "--save_root",
