@@ -126,11 +126,13 @@ def as_open_makes(fd: int) -> None:
         pass
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any],
+                 exclusive: bool = False) -> None:
     """``write`` the file into a temporary file in the same folder
     (``<name>.<random>.kamal_attr.tmp``), flushed to disk, then renamed over ``path``: a
     crash or power loss mid-write never leaves a truncated or empty file under the final
-    name, and a failed write leaves the previous one."""
+    name, and a failed write leaves the previous one. ``exclusive``: linked to ``path``
+    instead, which raises ``FileExistsError`` rather than replace a file that is there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=TMP_SUFFIX)
@@ -140,7 +142,10 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
         _sync_folder(path.parent)
     finally:
         if os.path.exists(tmp):
@@ -169,9 +174,9 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_text(path: str | Path, text: str, exclusive: bool = False) -> None:
     """A text file (UTF-8), through :func:`atomic_write`."""
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()), exclusive)
 
 
 def _sync_folder(folder: Path) -> None:
@@ -393,11 +398,9 @@ def load_net(path: str | Path, kind: str | None = None, attribute: str | None = 
     if image_size is not None and ckpt["image_size"] != image_size:
         raise KamalError(f"{path} was trained at {ckpt['image_size']} px, this run uses "
                          f"{image_size} px; pass --image_size {ckpt['image_size']}")
-    try:
-        model = AttributeResNet(ckpt["attributes"], ckpt["width"], ckpt.get("arch", "resnet18"))
+    model = AttributeResNet(ckpt["attributes"], ckpt["width"], ckpt.get("arch", "resnet18"))
+    try:  # the record's keys were checked by load_checkpoint (RECORD_TYPES)
         model.load_state_dict(ckpt["model"])
-    except KeyError as e:
-        raise KamalError(f"{path}: its record lacks {e}") from None
     except RuntimeError as e:
         raise KamalError(f"{path}: weights do not match its record: {first_line(e)}") from None
     return model.eval(), ckpt

@@ -247,8 +247,7 @@ def select_source_nets(target_attribute: str | None, source_id: int | None, all_
         raise KamalError(f"--group {group} picks the nets of --all: add --all, or name one net "
                          "with --target_attribute and --source_id")
     if attributes:
-        names = CELEBA_ATTRIBUTES if list(attributes) == ["all"] else tuple(
-            dict.fromkeys(check_attribute(a) for a in attributes))  # without repeats, as train.py
+        names = CELEBA_ATTRIBUTES if list(attributes) == ["all"] else checked_attributes(attributes)
         return [SourceNetSpec("custom", 0, tuple(names), label=check_folder_name(name or "custom"))]
     if all_nets:
         return list(source_nets_of(group) if group else SOURCE_NETS)
@@ -278,9 +277,14 @@ def select_task(group: str | None, attributes: Sequence[str] | None, name: str |
     return preset_task(check_group(group or "hair"), save_epoch, sources_root)
 
 
+def checked_attributes(attributes: Sequence[str]) -> tuple[str, ...]:
+    """``--attributes`` checked (one line for an unknown name) and without repeats."""
+    return tuple(dict.fromkeys(check_attribute(a) for a in attributes))
+
+
 def named_attributes(attributes: Sequence[str], name: str | None) -> tuple[tuple[str, ...], str]:
     """``--attributes`` checked and without repeats, and the task's checked ``--name``."""
-    attributes = tuple(dict.fromkeys(check_attribute(a) for a in attributes))
+    attributes = checked_attributes(attributes)
     return attributes, check_task_name(name or default_name(attributes))
 
 

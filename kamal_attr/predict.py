@@ -15,7 +15,6 @@ import csv
 import io
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +24,7 @@ from torchvision import transforms
 
 from . import KamalError
 from .celeba import eval_geometry, load_image
-from .checkpoint import as_open_makes, check_output_path, load_net
+from .checkpoint import atomic_write_text, check_output_path, load_net
 from .cli import ArgumentParser, run
 from .config import WORKERS, bounded_int, check_device, default_device
 from .engine import predict
@@ -112,17 +111,10 @@ def main(args: argparse.Namespace) -> None:
         return
     text = io.StringIO()
     write_csv(text, images, attributes, probabilities)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=f"{args.out.name}.", suffix=".partial")
-    try:
-        as_open_makes(fd)
-        with os.fdopen(fd, "w") as f:
-            f.write(text.getvalue())
-        os.link(tmp, args.out)  # fails, instead of replacing, if --out appeared meanwhile
+    try:  # fails, instead of replacing, if --out appeared meanwhile
+        atomic_write_text(args.out, text.getvalue(), exclusive=True)
     except FileExistsError:
         raise KamalError(f"--out {args.out} exists; it is never overwritten: pass a new file") from None
-    finally:
-        os.remove(tmp)
     print(f"{len(images)} images, {len(attributes)} attributes: written to {args.out}",
           file=sys.stderr)
 
